@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` (set up, then chat with the demo model) and `make test` (set up, then run the suite).
+# Both install into .venv at the repo root, starting from nothing but Python 3.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test setup setup-test bench clean-venv
+
+# Runtime: the package with the API, web chat and metrics extras.
+$(VENV)/.stamp-base: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[api,webchat,metrics,data]"
+	@touch $@
+
+setup: $(VENV)/.stamp-base
+
+# Tests also need real vLLM (CPU build), the openai client, Playwright and Debian's Chromium.
+$(VENV)/.stamp-test: $(VENV)/.stamp-base scripts/setup-test.sh
+	bash scripts/setup-test.sh $(PY)
+	@touch $@
+
+setup-test: $(VENV)/.stamp-test
+
+demo: setup
+	$(VENV)/bin/stoker demo
+	$(VENV)/bin/stoker chat
+
+test: setup-test
+	$(PY) -m pytest -q
+
+bench: setup-test
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,216 @@
+"""The one interface every inference backend implements.
+
+An engine takes prompt token ids (already rendered by a template) plus sampling parameters, and streams back
+deltas per choice. It knows nothing of HTTP, Gradio, chat messages or datasets.
+
+Two ways in:
+- ``stream(request)``: an async iterator of ``Delta`` for interactive surfaces (API, webchat). Breaking out of the
+  iterator, or cancelling the task that runs it, aborts the request and frees its slot at once.
+- ``generate_batch(requests)``: offline, blocking; returns one ``Completion`` per request, in order. Used by predict.
+
+``stream_sync`` is a thread-friendly wrapper used by the terminal chat.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+_request_counter = itertools.count()
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{next(_request_counter)}"
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` (or ``do_sample`` false upstream) means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    repetition_penalty: float = 1.0  # HF-style multiplicative penalty on seen tokens (prompt + output)
+    presence_penalty: float = 0.0  # OpenAI-style additive penalties on tokens already generated
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)  # text is cut before the first stop string, never emitted
+    stop_token_ids: list[int] = field(default_factory=list)  # generation ends on these (eos, template stops)
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top-k alternatives
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=new_request_id)
+    adapter: str | None = None  # name of a LoRA adapter to apply, None for the engine's default weights
+    # Model-specific multimodal inputs (e.g. {"images": [PIL.Image, ...]}); engines that take none ignore None.
+    media: dict[str, Any] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token text, logprob)
+
+
+@dataclass
+class Delta:
+    """New output for one choice of one request.
+
+    ``text`` is decoded incrementally: a multi-byte character is never split across deltas, and text that may
+    be the start of a stop string is held back until it is known not to be one. The last delta of a choice has
+    ``finish_reason`` set and carries the choice's final token counts.
+    """
+
+    index: int  # choice index, 0 <= index < n
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # set on the final delta of a choice
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Completion:
+    """The whole answer to one request."""
+
+    request_id: str
+    choices: list[Choice]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+
+def collect(deltas: Sequence[Delta] | Iterator[Delta], request_id: str, n: int) -> Completion:
+    """Fold a stream of deltas into a Completion."""
+    texts = [[] for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob] | None] = [None] * n
+    reasons: list[FinishReason] = ["length"] * n
+    prompt_tokens = 0
+    for d in deltas:
+        texts[d.index].append(d.text)
+        ids[d.index].extend(d.token_ids)
+        if d.logprobs is not None:
+            lps[d.index] = (lps[d.index] or []) + d.logprobs
+        if d.finish_reason is not None:
+            reasons[d.index] = d.finish_reason
+        prompt_tokens = d.prompt_tokens or prompt_tokens
+    choices = [Choice(i, "".join(texts[i]), ids[i], reasons[i], lps[i]) for i in range(n)]
+    return Completion(request_id, choices, prompt_tokens)
+
+
+@dataclass
+class EngineInfo:
+    """What surfaces need to know about the engine's model."""
+
+    max_model_len: int  # context length: prompt + generated tokens must fit
+    adapters: list[str] = field(default_factory=list)  # adapter names selectable per request
+    vision: bool = False
+
+
+class Engine(abc.ABC):
+    """Backend interface. Implementations: ``engines.hf.HFEngine`` and ``engines.vllm.VLLMEngine``."""
+
+    info: EngineInfo
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas for all ``request.params.n`` choices, interleaved, each tagged with its index."""
+
+    @abc.abstractmethod
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Run many requests to completion (offline); results in the order given."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Cancel a running or queued request and free its resources at once."""
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics (e.g. running, waiting, tokens_in_flight)."""
+        return {}
+
+    def close(self) -> None:
+        """Release threads, processes and memory."""
+
+    def stream_sync(self, request: GenerationRequest) -> Iterator[Delta]:
+        """Blocking iterator over ``stream``; closing the iterator early aborts the request.
+
+        Runs the async stream on a private event loop in a helper thread so that sync callers (terminal chat)
+        need no event loop of their own.
+        """
+        out: queue.Queue[Delta | BaseException | None] = queue.Queue()
+        loop = asyncio.new_event_loop()
+        task_box: list[asyncio.Task[None]] = []
+
+        async def pump() -> None:
+            try:
+                async for delta in self.stream(request):
+                    out.put(delta)
+                out.put(None)
+            except asyncio.CancelledError:
+                out.put(None)
+                raise
+            except BaseException as exc:  # handed to the consumer thread, re-raised there
+                out.put(exc)
+
+        def run() -> None:
+            task_box.append(loop.create_task(pump()))
+            try:
+                loop.run_until_complete(task_box[0])
+            except asyncio.CancelledError:
+                pass
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=run, name=f"stream-{request.request_id}", daemon=True)
+        thread.start()
+        finished = False
+        try:
+            while True:
+                item = out.get()
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                # Caller stopped early (Ctrl-C, closed generator): cancel the stream, which aborts the request.
+                while not task_box:
+                    threading.Event().wait(0.001)
+                loop.call_soon_threadsafe(task_box[0].cancel)
+            thread.join(timeout=10)

@@ -1,0 +1,243 @@
+"""Load tokenizer, model and LoRA adapters from a local folder or a Hugging Face hub id.
+
+Hub ids resolve from the local cache first; a download is tried only when the hub is reachable and not disabled
+(``HF_HUB_OFFLINE=1``). Either way a failure says plainly what was looked for and where.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stoker.config import Settings
+from stoker.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger("stoker")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: Path  # local folder of the base model
+    generation_config: dict[str, Any] = field(default_factory=dict)  # the model's generation_config.json, raw
+    adapters: dict[str, Path] = field(default_factory=dict)  # name -> folder, in the order applied
+    merged: bool = False  # adapters merged into the weights (then none is selectable per request)
+    processor: Any = None  # vision models only
+
+
+DEMO_PREFIX = "demo:"  # demo:chat, demo:adapter ... name the built-in demo models (built on first use)
+
+
+def _demo_model(name: str, *, key: str) -> Path:
+    from stoker.demo import ensure_demo_models
+
+    models = ensure_demo_models()
+    which = name[len(DEMO_PREFIX) :]
+    if which not in models:
+        choices = ", ".join(DEMO_PREFIX + m for m in models)
+        raise ConfigError(f"invalid value for {key}: {name!r}; the demo models are {choices}.")
+    return models[which]
+
+
+def _is_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1 and all(name.split("/"))
+
+
+def resolve_model_path(name: str | None, *, key: str = "model_name_or_path", settings: Settings | None = None) -> Path:
+    """A local folder for ``name``: the folder itself, or the hub snapshot in the local cache."""
+    if not name:
+        raise ConfigError(f"{key} is not set. Give a local model folder or a Hugging Face hub id (e.g. {key}: ./my-model).")
+    if name.startswith(DEMO_PREFIX):
+        return _demo_model(name, key=key)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"invalid value for {key}: {name!r} is a file; expected a model folder or a hub id.")
+    if not _is_hub_id(name):
+        raise ConfigError(
+            f"invalid value for {key}: the folder {name!r} does not exist. Expected a local model folder or a "
+            "Hugging Face hub id such as 'org/model'."
+        )
+    return _from_hub(name, key=key, settings=settings)
+
+
+def _from_hub(repo_id: str, *, key: str, settings: Settings | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    cache_dir = settings.cache_dir if settings else None
+    revision = settings.model_revision if settings else None
+    token = settings.hf_hub_token if settings else None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss in the cache means: try the hub, or explain
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = cache_dir or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
+    if offline:
+        raise ModelLoadError(
+            f"{key}: {repo_id!r} is not a local folder and is not in the Hugging Face cache ({where}), and "
+            "HF_HUB_OFFLINE is set. Download it on a machine with network access, or point "
+            f"{key} at a local folder."
+        )
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token))
+    except Exception as exc:  # noqa: BLE001 - network, auth and not-found errors all end here
+        raise ModelLoadError(
+            f"{key}: could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}), and it is not in the local cache ({where}). "
+            f"If this machine is offline, point {key} at a local model folder."
+        ) from None
+
+
+def load_tokenizer(settings: Settings, path: Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), use_fast=settings.use_fast_tokenizer, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        # Batching needs a pad id; it is masked out, so any id will do and eos is always present.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+
+
+def adapter_paths(settings: Settings) -> dict[str, Path]:
+    """Adapters named in the config, in order, keyed by a unique name (the folder name)."""
+    names: list[str] = list(settings.adapter_name_or_path)
+    if settings.adapter_folder:
+        folder = Path(settings.adapter_folder).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"invalid value for adapter_folder: {settings.adapter_folder!r} is not a folder.")
+        names += sorted(str(p.parent) for p in folder.glob("*/adapter_config.json"))
+    out: dict[str, Path] = {}
+    for name in names:
+        path = resolve_model_path(name, key="adapter_name_or_path", settings=settings)
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"invalid value for adapter_name_or_path: {name!r} has no adapter_config.json; expected a LoRA "
+                "adapter folder saved by peft (or LLaMA-Factory)."
+            )
+        key = path.name
+        while key in out:
+            key += "_"
+        out[key] = path
+    return out
+
+
+def pick_device(settings: Settings) -> str:
+    import torch
+
+    if settings.device != "auto":
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("invalid value for device: 'cuda' but no CUDA GPU is visible; use device: auto or cpu.")
+        return settings.device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(settings: Settings, device: str) -> Any:
+    import torch
+
+    if settings.infer_dtype != "auto":
+        return getattr(torch, settings.infer_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32  # half precision on CPU is slow and inexact
+
+
+def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
+    """Load the base model and apply the config's adapters.
+
+    ``merge``: fold the adapters into the weights (fast, fixed) or keep them as named peft adapters that a request
+    can select. Default: ``settings.merge_adapters``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(settings.model_name_or_path, settings=settings)
+    tokenizer = load_tokenizer(settings, path)
+    device = pick_device(settings)
+    dtype = pick_dtype(settings, device)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+    processor = None
+    from stoker.models.vision import is_vision_config, load_vision_model
+
+    if is_vision_config(config):
+        model, processor = load_vision_model(path, settings, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=settings.trust_remote_code
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}") from None
+    model.to(device)
+    model.eval()
+    torch.set_grad_enabled(False)
+
+    adapters = adapter_paths(settings)
+    merge = settings.merge_adapters if merge is None else merge
+    if adapters:
+        model = apply_adapters(model, adapters, merge=merge)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        generation_config=read_generation_config(path),
+        adapters=adapters,
+        merged=bool(adapters) and merge,
+        processor=processor,
+    )
+
+
+def apply_adapters(model: Any, adapters: dict[str, Path], *, merge: bool) -> Any:
+    """Apply LoRA adapters in order. Merged: each folded into the weights before the next is applied."""
+    from peft import PeftModel
+
+    peft_model = None
+    for name, path in adapters.items():
+        try:
+            if merge:
+                model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+            elif peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(path), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - shape mismatches and missing modules come in many types
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"the adapter {str(path)!r} does not fit the base model: {detail[:400]}. Check that it was trained "
+                "on this model_name_or_path."
+            ) from None
+    if peft_model is not None:
+        peft_model.eval()
+        return peft_model
+    return model

@@ -1,0 +1,49 @@
+"""Fixtures shared across the suite: the read-only ../shared folder and the demo models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K" / "hf"
+
+# Tests never reach a model hub; the suite must pass offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the suite needs the project's shared/ folder beside the repo")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Path]:
+    """The demo models (built once, cached across runs; see docs/demo.md)."""
+    from stoker.demo import ensure_demo_models
+
+    return ensure_demo_models()
+
+
+@pytest.fixture(scope="session")
+def demo_chat(demo_models: dict[str, Path]) -> Path:
+    return demo_models["chat"]
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(demo_models: dict[str, Path]) -> Path:
+    return demo_models["adapter"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
