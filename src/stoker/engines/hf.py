@@ -1,0 +1,627 @@
+"""The transformers engine: continuous batching over any HF causal LM, on one background thread.
+
+One step thread owns the model. Each loop iteration it (1) drops aborted rows, (2) admits waiting requests within
+the budgets (``max_num_seqs`` rows, ``max_batch_tokens`` of prompt + max_new_tokens) and prefills them together,
+merging their KV rows into the running batch (``kv_batch.PaddedKVBatch``), and (3) runs one decode step for every
+running row. A row that finishes leaves the batch in the same iteration. Deltas go back to each caller through a
+sink: ``stream`` hands them to the caller's event loop with ``call_soon_threadsafe``; ``generate_batch`` collects
+them in place.
+
+A request with ``n`` choices is prefilled once; its KV rows are copied ``n`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stoker.engines.base import (
+    Completion,
+    Delta,
+    Engine,
+    EngineInfo,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    collect,
+)
+from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
+from stoker.engines.stops import StopStringMatcher
+from stoker.errors import NotFoundError, OverloadedError, RequestError, StokerError
+
+logger = logging.getLogger("stoker")
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+Sink = Callable[[list[Delta] | BaseException], None]
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One generated sequence: a row of the running batch."""
+
+    request: _Request
+    index: int
+    sampler: Any  # sampling.RowSampler
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (their text is held back)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    uid: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str  # peft adapter name, or BASE_ADAPTER
+    max_new: int  # max_new_tokens clipped to the context
+    stop_ids: frozenset[int]
+    sink: Sink | None = None
+    choices: list[_Choice] = field(default_factory=list)
+    open_choices: int = 0
+    aborted: bool = False
+
+    @property
+    def row_cost(self) -> int:
+        return len(self.prompt_ids) + self.max_new
+
+    @property
+    def cost(self) -> int:
+        return self.params.n * self.row_cost
+
+
+class HFEngine(Engine):
+    """Continuous batching for a loaded ``transformers`` causal LM (optionally a peft model with LoRA adapters).
+
+    - ``max_num_seqs``: rows (choices) decoded together.
+    - ``max_batch_tokens``: admission budget, sum over running rows of prompt + max_new_tokens.
+    - ``max_queue``: waiting requests beyond which ``stream`` raises ``OverloadedError``.
+    - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
+    - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
+    - ``max_prefill_tokens``: padded prompt tokens per prefill forward (several forwards when more join at once).
+
+    A request bigger than a budget on its own still runs, alone, when the batch is empty.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 32768,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        adapters: list[str] | None = None,
+        max_prefill_tokens: int = 8192,
+    ):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max(1, int(max_num_seqs))
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
+        self.max_queue = max(1, int(max_queue))
+        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
+        self.device = next(model.parameters()).device
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_model_len = int(max_model_len or _context_length(config, tokenizer))
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        head = model.get_output_embeddings()
+        self._logits_width = int(head.weight.shape[0]) if head is not None else int(config.vocab_size)
+        self._adapters = list(adapters or [])
+        self._check_adapters(model)
+        self.info = EngineInfo(max_model_len=self.max_model_len, adapters=list(self._adapters), vision=False)
+
+        base = model.get_base_model() if self._adapters else model
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._eos_ids = _eos_ids(model, tokenizer)
+        self._token_texts = TokenTexts(tokenizer)
+        self._torch = torch
+
+        self._uids = itertools.count()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._active: dict[int, _Request] = {}  # admitted, not finished
+        self._abort_uids: set[int] = set()
+        self._rows_admitted = 0
+        self._tokens_in_flight = 0
+        self._closed = False
+        # Owned by the step thread.
+        self._rows: list[_Choice] = []
+        self._batch: Any = None  # kv_batch.PaddedKVBatch
+        self._kv_cache_tokens = 0  # rows x columns of the running cache, padding included
+        self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "requests_finished_total": 0,
+                          "requests_aborted_total": 0, "steps_total": 0}
+        self._thread = threading.Thread(target=self._run, name="stoker-hf-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
+        req = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
+
+        def sink(item: list[Delta] | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        req.sink = sink
+        self._submit([req], bounded=True)
+        open_choices = req.params.n
+        try:
+            while open_choices:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    open_choices = 0
+                    raise item
+                for delta in item:
+                    if delta.finish_reason is not None:
+                        open_choices -= 1
+                    yield delta
+        finally:
+            if open_choices:
+                self._cancel(req)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        prepared = [self._prepare(r, position=i) for i, r in enumerate(requests)]
+        if not prepared:
+            return []
+        deltas: list[list[Delta]] = [[] for _ in prepared]
+        unfinished = [r.params.n for r in prepared]
+        remaining = [len(prepared)]
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def make_sink(i: int) -> Sink:
+            def sink(item: list[Delta] | BaseException) -> None:
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                    done.set()
+                    return
+                deltas[i].extend(item)
+                finished = sum(d.finish_reason is not None for d in item)
+                if finished:
+                    unfinished[i] -= finished
+                    if unfinished[i] == 0:
+                        remaining[0] -= 1
+                        if remaining[0] == 0:
+                            done.set()
+
+            return sink
+
+        for i, req in enumerate(prepared):
+            req.sink = make_sink(i)
+        self._submit(prepared, bounded=False)
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            if not done.is_set() or errors:  # interrupted (Ctrl-C) or failed: free every slot
+                for req in prepared:
+                    self._cancel(req)
+        if errors:
+            raise errors[0]
+        return [collect(d, r.request_id, r.params.n) for d, r in zip(deltas, prepared)]
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            matches = [r for r in (*self._waiting, *self._active.values()) if r.request_id == request_id]
+        for req in matches:
+            self._cancel(req)
+
+    def stats(self) -> dict[str, float]:
+        with self._cond:
+            out: dict[str, float] = {
+                "running": self._rows_admitted,
+                "running_requests": len(self._active),
+                "waiting": len(self._waiting),
+                "tokens_in_flight": self._tokens_in_flight,
+                "kv_cache_tokens": self._kv_cache_tokens,
+                "max_num_seqs": self.max_num_seqs,
+                "max_batch_tokens": self.max_batch_tokens,
+            }
+            out.update(self._counters)
+        return out
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        error = RequestError("the engine was shut down before this request finished")
+        with self._cond:
+            pending = [*self._waiting, *self._active.values()]
+            self._waiting.clear()
+        for req in pending:
+            self._send(req, error)
+
+    # ------------------------------------------------------------------ request intake
+
+    def _check_adapters(self, model: Any) -> None:
+        if not self._adapters:
+            return
+        loaded = set(getattr(model, "peft_config", {}) or {})
+        if not loaded:
+            raise StokerError("adapters were given but the model is not a peft model with LoRA adapters loaded")
+        missing = [a for a in self._adapters if a not in loaded]
+        if missing:
+            raise StokerError(f"adapters {missing} are not loaded in the peft model (loaded: {sorted(loaded)})")
+
+    def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
+        where = f"request {position} ({request.request_id})" if position is not None else "the request"
+        p = request.params
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
+            raise RequestError(
+                f"{where} has prompt token ids outside the vocabulary [0, {self.vocab_size}).", param="prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"{where} has a prompt of {len(prompt)} tokens, but the context holds {self.max_model_len} "
+                f"(max_model_len) including at least one generated token: shorten the prompt.",
+                param="messages", code="context_length_exceeded")
+        _validate_params(p, where)
+        if request.media:
+            raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+        adapter = BASE_ADAPTER
+        if request.adapter is not None:
+            if request.adapter not in self._adapters:
+                loaded = ", ".join(self._adapters) or "none"
+                raise NotFoundError(
+                    f"unknown adapter {request.adapter!r} (loaded adapters: {loaded}); pick one of them or none.",
+                    param="model")
+            adapter = request.adapter
+        max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
+        stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
+        return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids)
+
+    def _submit(self, requests: list[_Request], *, bounded: bool) -> None:
+        with self._cond:
+            if self._closed:
+                raise RequestError("the engine is shut down")
+            if bounded and len(self._waiting) + len(requests) > self.max_queue:
+                raise OverloadedError(
+                    f"the engine's queue is full ({len(self._waiting)} requests waiting, max_queue={self.max_queue}); "
+                    "retry later, or raise max_queue / max_num_seqs.")
+            self._waiting.extend(requests)
+            self._cond.notify()
+
+    def _cancel(self, req: _Request) -> None:
+        """Abort from any thread: a waiting request leaves the queue now, a running one before the next step."""
+        with self._cond:
+            if req.aborted:
+                return
+            req.aborted = True
+            try:
+                self._waiting.remove(req)
+                self._counters["requests_aborted_total"] += 1
+                return
+            except ValueError:
+                pass
+            if req.uid in self._active:
+                self._abort_uids.add(req.uid)
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ step thread
+
+    def _run(self) -> None:
+        torch = self._torch
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._rows or self._abort_uids):
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    aborted, self._abort_uids = self._abort_uids, set()
+                    admitted = self._admit()
+                if aborted:
+                    try:
+                        self._drop_aborted(aborted)
+                    except Exception as exc:  # noqa: BLE001 - shrinking failed: the batch state is unknown
+                        self._fail(self._running_requests(), exc)
+                if admitted:
+                    try:
+                        self._prefill(admitted)
+                    except Exception as exc:  # e.g. out of memory on a long prompt: only the newcomers fail
+                        self._fail([r for r in admitted if r.open_choices], exc)
+                if self._rows:
+                    try:
+                        self._decode()
+                    except Exception as exc:  # the batch state is unknown now: fail everything running
+                        self._fail(self._running_requests(), exc)
+
+    def _admit(self) -> list[_Request]:
+        """Pop waiting requests in order while they fit the budgets (caller holds the lock)."""
+        admitted: list[_Request] = []
+        while self._waiting:
+            req = self._waiting[0]
+            fits = (self._rows_admitted + req.params.n <= self.max_num_seqs
+                    and self._tokens_in_flight + req.cost <= self.max_batch_tokens)
+            if not fits and (self._rows_admitted or admitted):
+                break
+            self._waiting.popleft()
+            admitted.append(req)
+            self._active[req.uid] = req
+            req.open_choices = req.params.n
+            self._rows_admitted += req.params.n
+            self._tokens_in_flight += req.cost
+            self._counters["prompt_tokens_total"] += len(req.prompt_ids)
+        return admitted
+
+    def _release(self, choice: _Choice) -> None:
+        req = choice.request
+        with self._cond:
+            self._rows_admitted -= 1
+            self._tokens_in_flight -= req.row_cost
+            req.open_choices -= 1
+            if req.open_choices == 0:
+                self._active.pop(req.uid, None)
+                self._counters["requests_aborted_total" if req.aborted else "requests_finished_total"] += 1
+
+    def _new_choices(self, req: _Request) -> list[_Choice]:
+        from stoker.engines.sampling import RowSampler
+
+        p = req.params
+        choices = []
+        for i in range(p.n):
+            seed = None if p.seed is None else p.seed + i
+            sampler = RowSampler(p, req.prompt_ids, self._logits_width, self.device, seed)
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens)
+            choices.append(_Choice(req, i, sampler, detok, StopStringMatcher(p.stop)))
+        req.choices = choices
+        return choices
+
+    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
+        if self._adapters:
+            inputs["adapter_names"] = adapters
+        if self._logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        return self.model(**inputs).logits[:, -1, :]
+
+    def _prefill(self, requests: list[_Request]) -> None:
+        from stoker.engines.kv_batch import PaddedKVBatch, new_cache
+
+        torch = self._torch
+
+        for group in _prefill_groups(requests, self.max_prefill_tokens):
+            width = max(len(r.prompt_ids) for r in group)
+            ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group]
+            mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group]
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+            cache = new_cache()
+            logits = self._forward([r.adapter for r in group], input_ids=input_ids, attention_mask=mask,
+                                   position_ids=positions, past_key_values=cache, use_cache=True)
+            lengths = torch.tensor([len(r.prompt_ids) for r in group], dtype=torch.long, device=self.device)
+            if any(r.params.n > 1 for r in group):
+                index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
+                                     dtype=torch.long, device=self.device)
+                cache.batch_select_indices(index)
+                mask, logits, lengths = mask[index], logits[index], lengths[index]
+            choices = [c for r in group for c in self._new_choices(r)]
+            tokens, keep = self._sample_and_emit(choices, logits)
+            # The first generated token sits at position len(prompt), right after the prompt.
+            new = PaddedKVBatch(cache, mask, positions=lengths, last_tokens=tokens)
+            new.keep(keep)
+            if self._batch is None:
+                self._batch = new
+            else:
+                self._batch.merge(new)
+            self._rows.extend(choices[i] for i in keep)
+
+    def _decode(self) -> None:
+        inputs = self._batch.decode_inputs()
+        logits = self._forward([c.request.adapter for c in self._rows], **inputs)
+        self._counters["steps_total"] += 1
+        tokens, keep = self._sample_and_emit(self._rows, logits)
+        self._batch.advance(tokens)
+        if len(keep) != len(self._rows):
+            self._batch.keep(keep)
+            self._rows = [self._rows[i] for i in keep]
+        self._kv_cache_tokens = self._batch.rows * self._batch.cols if self._rows else 0
+
+    def _drop_aborted(self, uids: set[int]) -> None:
+        keep = [i for i, c in enumerate(self._rows) if c.request.uid not in uids]
+        for i, c in enumerate(self._rows):
+            if c.request.uid in uids:
+                self._release(c)
+        if len(keep) != len(self._rows):
+            self._batch.keep(keep)
+            self._rows = [self._rows[i] for i in keep]
+
+    def _sample_and_emit(self, choices: list[_Choice], logits: Any) -> tuple[Any, list[int]]:
+        """Sample one token per row, turn it into deltas, and return (tokens tensor, rows still running)."""
+        from stoker.engines.sampling import sample
+
+        torch = self._torch
+        sampled = sample(logits, [c.sampler for c in choices])
+        out: dict[int, tuple[_Request, list[Delta]]] = {}
+        keep: list[int] = []
+        for i, (choice, token) in enumerate(zip(choices, sampled.tokens)):
+            req = choice.request
+            if req.aborted:
+                self._release(choice)
+                continue
+            delta = self._advance(choice, token, sampled.logprobs[i])
+            if delta is not None:
+                out.setdefault(req.uid, (req, []))[1].append(delta)
+            if choice.finish is None:
+                keep.append(i)
+            else:
+                self._release(choice)
+        self._counters["generated_tokens_total"] += len(choices)
+        for req, deltas in out.values():
+            self._send(req, deltas)
+        return torch.tensor(sampled.tokens, dtype=torch.long, device=self.device), keep
+
+    def _advance(self, choice: _Choice, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
+                 ) -> Delta | None:
+        """Take one generated token: update text, stops and finish state; return a delta when there is news."""
+        req = choice.request
+        choice.output_ids.append(token)
+        choice.pending_ids.append(token)
+        if logprob is not None:
+            text_of = self._token_texts
+            top = [(tid, text_of(tid), lp) for tid, lp in logprob[1]]
+            choice.pending_logprobs.append(TokenLogprob(token, text_of(token), logprob[0], top))
+        finish: FinishReason | None = None
+        if token in req.stop_ids:
+            # The stop token ends the choice; its own text is never emitted (it is still counted and returned).
+            finish = "stop"
+            text, stopped = choice.stops.push(choice.detok.flush())
+            if not stopped:
+                text += choice.stops.flush()
+        else:
+            text, stopped = choice.stops.push(choice.detok.push([token]))
+            if stopped:
+                finish = "stop"
+            elif len(choice.output_ids) >= req.max_new:
+                finish = "length"
+                tail, stopped = choice.stops.push(choice.detok.flush())
+                text += tail
+                if stopped:
+                    finish = "stop"
+                else:
+                    text += choice.stops.flush()
+        choice.finish = finish
+        if finish is None and not text:
+            return None
+        delta = Delta(
+            index=choice.index,
+            text=text,
+            token_ids=choice.pending_ids,
+            logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
+            finish_reason=finish,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(choice.output_ids) if finish else 0,
+        )
+        choice.pending_ids, choice.pending_logprobs = [], []
+        return delta
+
+    def _send(self, req: _Request, item: list[Delta] | BaseException) -> None:
+        if req.sink is None:
+            return
+        try:
+            req.sink(item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            with self._cond:
+                req.aborted = True
+
+    def _running_requests(self) -> list[_Request]:
+        return list({c.request.uid: c.request for c in self._rows}.values())
+
+    def _fail(self, requests: list[_Request], exc: Exception) -> None:
+        """End ``requests`` with an error: their rows leave the batch, their callers get the exception."""
+        logger.error("generation failed for %d request(s): %s: %s", len(requests), type(exc).__name__, exc,
+                     exc_info=exc)
+        uids = {r.uid for r in requests}
+        keep = [i for i, c in enumerate(self._rows) if c.request.uid not in uids]
+        if not keep:
+            self._rows, self._batch = [], None
+        elif len(keep) != len(self._rows):
+            try:
+                self._batch.keep(keep)
+                self._rows = [self._rows[i] for i in keep]
+            except Exception:  # noqa: BLE001 - cannot even shrink the batch: drop it all
+                requests = [*requests, *self._running_requests()]
+                self._rows, self._batch = [], None
+        error = exc if isinstance(exc, StokerError) else RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+        notify = []
+        with self._cond:
+            for req in {r.uid: r for r in requests}.values():
+                if req.open_choices == 0:
+                    continue
+                self._active.pop(req.uid, None)
+                self._rows_admitted -= req.open_choices
+                self._tokens_in_flight -= req.open_choices * req.row_cost
+                req.open_choices = 0
+                if not req.aborted:
+                    notify.append(req)
+        for req in notify:
+            self._send(req, error)
+
+
+def _validate_params(p: SamplingParams, where: str) -> None:
+    def bad(param: str, allowed: str, value: Any) -> RequestError:
+        return RequestError(f"invalid {param}={value!r} in {where}: {allowed}.", param=param)
+
+    if not isinstance(p.n, int) or p.n < 1:
+        raise bad("n", "must be an integer >= 1", p.n)
+    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
+        raise bad("max_new_tokens", "must be an integer >= 1", p.max_new_tokens)
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise bad("temperature", "must be >= 0 (0 means greedy)", p.temperature)
+    if not 0 < p.top_p <= 1:
+        raise bad("top_p", "must be in (0, 1]", p.top_p)
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        raise bad("top_k", "must be an integer >= 0 (0 disables it)", p.top_k)
+    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
+        raise bad("repetition_penalty", "must be > 0 (1 disables it)", p.repetition_penalty)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not math.isfinite(value):
+            raise bad(name, "must be a finite number (0 disables it)", value)
+    if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
+        raise bad("logprobs", "must be an integer >= 0, or None for no logprobs", p.logprobs)
+    if any(not isinstance(s, str) for s in p.stop):
+        raise bad("stop", "must be a list of strings", p.stop)
+    if any(not isinstance(t, int) for t in p.stop_token_ids):
+        raise bad("stop_token_ids", "must be a list of integers", p.stop_token_ids)
+
+
+def _prefill_groups(requests: list[_Request], max_tokens: int) -> list[list[_Request]]:
+    """Consecutive groups whose padded size (rows x longest prompt) stays within ``max_tokens``."""
+    groups: list[list[_Request]] = []
+    current: list[_Request] = []
+    width = 0
+    for req in requests:
+        new_width = max(width, len(req.prompt_ids))
+        if current and new_width * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, new_width = [], len(req.prompt_ids)
+        current.append(req)
+        width = new_width
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10_000_000:
+        return value
+    raise StokerError("cannot tell the model's context length from its config: set max_model_len (e.g. 4096).")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    for value in (eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(int(v) for v in value)
+    return sorted(set(ids))
