@@ -159,3 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `stoker template list | head`: the reader is gone, nothing left to say
+        sys.stderr.close()
+        return 0
