@@ -228,8 +228,8 @@ class ChatService:
         kept = list(messages)
         dropped = 0
         while True:
-            normalized, _ = self.normalize(kept)
-            length = len(self.build_prompt(normalized).ids)
+            normalized, images = self.normalize(kept)
+            length = len(self.build_prompt(normalized, images=images).ids)
             system = [m for m in kept if m["role"] == "system"]
             turns = [m for m in kept if m["role"] != "system"]
             if length <= budget or len(turns) <= 1:

@@ -38,7 +38,7 @@ class TerminalChat:
         self.out = stdout
         self.history: list[dict[str, Any]] = []
         self.system: str | None = None
-        self.pending_images: list[str] = []
+        self.pending_images: list[Any] = []  # loaded PIL images
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
@@ -89,11 +89,11 @@ class TerminalChat:
         from stoker.media import load_image
 
         try:
-            load_image(path, self.service.settings, local_ok=True)
+            image = load_image(path, self.service.settings, local_ok=True)
         except StokerError as exc:
             self.say(f"Error: {exc.message}")
             return
-        self.pending_images.append(path)
+        self.pending_images.append(image)  # loaded here: the chat service treats path strings as untrusted
         self.say(f"Image attached: {path}")
 
     def user_message(self, text: str) -> dict[str, Any]:

@@ -190,7 +190,7 @@ def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
     processor = None
     from stoker.models.vision import is_vision_config, load_vision_model
 
-    if is_vision_config(config):
+    if is_vision_config(config, settings):
         model, processor = load_vision_model(path, settings, dtype=dtype)
     else:
         try:

@@ -110,6 +110,7 @@ class ChatTemplate(Template):
         bos: str = "",
         eos: str = "",
         official: Sequence[Official] = (),
+        tokenizer_specials: bool = False,
     ):
         self.name = name
         self.layout = layout
@@ -123,6 +124,8 @@ class ChatTemplate(Template):
         self.eos_token = eos
         self.official = tuple(official)
         self.extra_stop_ids: list[int] = []
+        # True: encode lets the tokenizer add its own special tokens (BOS) instead of the layout writing them.
+        self.tokenizer_specials = tokenizer_specials
 
     def __repr__(self) -> str:
         return f"<template {self.name}>"
@@ -171,7 +174,7 @@ class ChatTemplate(Template):
         text = self.bind(tokenizer).render(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
         )
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(text, add_special_tokens=self.tokenizer_specials))
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         ids: list[int] = []

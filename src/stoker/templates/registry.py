@@ -152,8 +152,10 @@ def _build() -> dict[str, ChatTemplate]:
             description="LLaMA-Factory's default (Human:/Assistant:)",
             stop_words=["\nHuman:"], bos="<s>", eos="</s>",
         ),
+        # Plain completion: the text is encoded as the tokenizer encodes it on its own, so BOS stays where the
+        # tokenizer puts it (a base model such as stories260K needs it to continue a story as it was trained).
         ChatTemplate("empty", Layout(), description="no formatting at all: turns are concatenated",
-                     bos="<s>", eos="</s>"),
+                     bos="<s>", eos="</s>", tokenizer_specials=True),
         ChatTemplate(
             "alpaca",
             Layout(
