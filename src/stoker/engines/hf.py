@@ -72,6 +72,7 @@ class _Request:
     choices: list[_Choice] = field(default_factory=list)
     open_choices: int = 0
     aborted: bool = False
+    media: dict[str, Any] | None = None  # vision inputs (stoker.media.prepare_images), dropped after prefill
 
     @property
     def row_cost(self) -> int:
@@ -123,7 +124,12 @@ class HFEngine(Engine):
         self._logits_width = int(head.weight.shape[0]) if head is not None else int(config.vocab_size)
         self._adapters = list(adapters or [])
         self._check_adapters(model)
-        self.info = EngineInfo(max_model_len=self.max_model_len, adapters=list(self._adapters), vision=False)
+        from stoker.models.vision import is_vision_config
+
+        vision = is_vision_config(model.config)
+        # The token a vision model's image features replace; prompts must hold exactly as many as their media fill.
+        self._image_token_id = getattr(model.config, "image_token_id", None) if vision else None
+        self.info = EngineInfo(max_model_len=self.max_model_len, adapters=list(self._adapters), vision=vision)
 
         base = model.get_base_model() if self._adapters else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -277,8 +283,12 @@ class HFEngine(Engine):
                 f"(max_model_len) including at least one generated token: shorten the prompt.",
                 param="messages", code="context_length_exceeded")
         _validate_params(p, where)
-        if request.media:
+        if request.media and not self.info.vision:
             raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+        if self.info.vision:
+            from stoker.media import check_prompt_images
+
+            check_prompt_images(prompt, request.media, self._image_token_id, where=where)
         adapter = BASE_ADAPTER
         if request.adapter is not None:
             if request.adapter not in self._adapters:
@@ -289,7 +299,8 @@ class HFEngine(Engine):
             adapter = request.adapter
         max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
         stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
-        return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids)
+        return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids,
+                        media=request.media or None)
 
     def _submit(self, requests: list[_Request], *, bounded: bool) -> None:
         with self._cond:
@@ -408,9 +419,20 @@ class HFEngine(Engine):
             mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp_(min=0)
             cache = new_cache()
+            extra: dict[str, Any] = {}
+            offsets = None
+            if any(r.media for r in group):
+                from stoker.media import prefill_inputs
+
+                extra, positions, offsets = prefill_inputs(
+                    self.model, [r.media for r in group], input_ids, mask, positions)
+                for r in group:
+                    r.media = None  # the pixels are in the KV cache now
             logits = self._forward([r.adapter for r in group], input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, past_key_values=cache, use_cache=True)
+                                   position_ids=positions, past_key_values=cache, use_cache=True, **extra)
             lengths = torch.tensor([len(r.prompt_ids) for r in group], dtype=torch.long, device=self.device)
+            if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
+                lengths = lengths + offsets
             if any(r.params.n > 1 for r in group):
                 index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
                                      dtype=torch.long, device=self.device)

@@ -1,4 +1,13 @@
-"""Vision-language models: detection from the config, and loading through the model's processor."""
+"""Vision-language models: detection from the config, and loading through the model's processor.
+
+Families, in the order they are supported: LLaVA-1.5 style (``LlavaForConditionalGeneration``: a CLIP-like tower,
+a projector, a Llama-like LM; one ``<image>`` expands to a fixed number of image tokens), then Qwen2-VL style
+(``Qwen2VLForConditionalGeneration``: image tokens per image size, multimodal RoPE). Other image-text-to-text models
+load through ``AutoModelForImageTextToText`` and work where their processor follows the same conventions.
+
+``visual_inputs`` (LLaMA-Factory's old switch) is accepted: vision is implied by the model's config, as newer
+LLaMA-Factory does; ``visual_inputs: true`` on a text-only model is an error rather than a silent no-op.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +15,69 @@ from pathlib import Path
 from typing import Any
 
 from stoker.config import Settings
-from stoker.errors import ModelLoadError
+from stoker.errors import ConfigError, ModelLoadError
+
+# model_type -> the transformers class loaded for it (first the families Stoker is tested with).
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
-def is_vision_config(config: Any) -> bool:
-    return getattr(config, "vision_config", None) is not None
+def is_vision_config(config: Any, settings: Settings | None = None) -> bool:
+    """Whether ``config`` describes a vision-language model; with ``settings``, checks ``visual_inputs`` agrees."""
+    vision = getattr(config, "vision_config", None) is not None
+    if settings is not None and settings.visual_inputs and not vision:
+        raise ConfigError(
+            f"visual_inputs is true but {settings.model_name_or_path!r} is a text-only model (its config has no "
+            "vision_config): remove visual_inputs, or point model_name_or_path at a vision-language model."
+        )
+    return vision
 
 
-def load_vision_model(path: Path, settings: Settings, *, dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_processor(path: Path, settings: Settings) -> Any:
+    """The model's processor, checked to take images, with its size limits set from ``image_min/max_pixels``.
+
+    Both engines use it: the chat service renders image prompts with it (vLLM then runs its own copy on the images).
+    """
+    from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=settings.trust_remote_code
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the processor of the vision model in {path}: {exc}") from None
+    if not getattr(processor, "image_token", None) or not hasattr(processor, "image_processor"):
+        raise ModelLoadError(
+            f"the processor in {path} ({type(processor).__name__}) has no image processor and image token, so Stoker "
+            "cannot feed it images."
         )
+    configure_processor(processor, settings)
+    return processor
+
+
+def load_vision_model(path: Path, settings: Settings, *, dtype: Any) -> tuple[Any, Any]:
+    """The model (LLaVA and Qwen2-VL by their own classes, others through ``AutoModelForImageTextToText``) and its
+    processor."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    processor = load_processor(path, settings)
+    remote = settings.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
+        name = MODEL_CLASSES.get(config.model_type)
+        cls = getattr(transformers, name) if name else AutoModelForImageTextToText
+        model = cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the vision model from {path}: {type(exc).__name__}: {exc}") from None
     return model, processor
+
+
+def configure_processor(processor: Any, settings: Settings) -> None:
+    """Processors that size images by pixel count (Qwen2-VL) get the config's bounds, as LLaMA-Factory sets them."""
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict) and "longest_edge" in size and hasattr(image_processor, "merge_size"):
+        image_processor.size = {**size, "shortest_edge": settings.image_min_pixels,
+                                "longest_edge": settings.image_max_pixels}
