@@ -1,0 +1,205 @@
+"""The chat page: a Gradio Blocks app around one ``ChatService``.
+
+Each browser session keeps its own turns in a ``gr.State``; replies stream from ``session.stream_reply``. Up to
+``max_num_seqs`` sessions generate at once, so the engine can batch them; the rest wait in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+
+from stoker.chat import ChatService
+from stoker.config import Settings
+from stoker.errors import StokerError
+from stoker.webchat.render import CHATBOT_ID, chat_messages, page_css
+from stoker.webchat.session import TOOLS_EXAMPLE, ChatOptions, Turn, parse_tools, prepare, stream_reply
+
+EMPTY_INPUT: dict[str, Any] = {"text": "", "files": []}
+MAX_NEW_TOKENS_CAP = 8192
+
+
+def _system_placeholder(service: ChatService) -> str:
+    default = service.settings.default_system or service.template.default_system
+    if default:
+        return f"Empty: the default, {default!r}"
+    return "Empty: no system prompt"
+
+
+def user_error(exc: StokerError) -> gr.Error:
+    # A toast with the message; a user's mistake is no reason for a traceback in the server's log.
+    return gr.Error(exc.message, print_exception=False)
+
+
+def build_ui(service: ChatService) -> gr.Blocks:
+    gen = service.generation
+    vision = service.engine.info.vision
+    max_tokens_limit = max(1, min(service.max_model_len - 1, MAX_NEW_TOKENS_CAP))
+    default_temperature = float(gen["temperature"]) if gen["do_sample"] else 0.0
+    # Templates that think in <think> blocks get a switch for it.
+    reasoning = bool(getattr(service.template, "reasoning_markers", ()))
+
+    with gr.Blocks(
+        title=f"Stoker · {service.model_name}",
+        analytics_enabled=False,
+        fill_height=True,
+        # Uploaded images older than a day leave the server's temp folder (checked hourly).
+        delete_cache=(3600, 86400),
+    ) as blocks:
+        turns = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                gr.HTML(f"<h2 id='stoker-title'>Stoker · {html.escape(service.model_name)}</h2>")
+                chatbot = gr.Chatbot(
+                    elem_id=CHATBOT_ID,
+                    show_label=False,
+                    height="62vh",
+                    # Markdown is rendered to escaped HTML on the server (render.py); the browser sanitises it again.
+                    render_markdown=False,
+                    sanitize_html=True,
+                    allow_tags=False,
+                    latex_delimiters=[],
+                    buttons=[],
+                    feedback_options=None,
+                    placeholder="Ask anything. Enter sends, Shift+Enter starts a new line.",
+                )
+                entry = gr.MultimodalTextbox(
+                    elem_id="stoker-input",
+                    show_label=False,
+                    placeholder="Type a message" + (" or attach images" if vision else ""),
+                    sources=["upload"] if vision else [],
+                    file_types=["image"],
+                    file_count="multiple",
+                    autofocus=True,
+                )
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stoker-stop", variant="stop", size="sm", scale=1)
+                    clear = gr.Button("Clear", elem_id="stoker-clear", variant="secondary", size="sm", scale=1)
+            with gr.Column(scale=1, min_width=280):
+                system = gr.Textbox(
+                    label="System prompt", lines=3, placeholder=_system_placeholder(service), elem_id="stoker-system"
+                )
+                with gr.Accordion("Sampling", open=True):
+                    max_new_tokens = gr.Slider(
+                        1, max_tokens_limit, value=min(int(gen["max_new_tokens"]), max_tokens_limit), step=1,
+                        label="Max new tokens",
+                    )
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=default_temperature, step=0.05, label="Temperature", info="0 is greedy"
+                    )
+                    top_p = gr.Slider(0.01, 1.0, value=float(gen["top_p"]), step=0.01, label="Top-p")
+                    top_k = gr.Slider(0, 200, value=int(gen["top_k"] or 0), step=1, label="Top-k", info="0 is off")
+                thinking = gr.Checkbox(
+                    value=service.settings.enable_thinking is not False, label="Thinking",
+                    info="let the model reason before it answers", visible=reasoning,
+                )
+                with gr.Accordion("Tools", open=False):
+                    tools = gr.Textbox(
+                        label="Tool definitions (JSON)", lines=6, placeholder=TOOLS_EXAMPLE, elem_id="stoker-tools"
+                    )
+                    role = gr.Radio(
+                        ["user", "tool"], value="user", label="Send as",
+                        info="'tool' sends your message as the result of the last tool call",
+                    )
+
+        async def respond(
+            message: dict[str, Any] | None,
+            history: list[Turn],
+            system_text: str,
+            tools_text: str,
+            role_name: str,
+            max_tokens: float,
+            temp: float,
+            p: float,
+            k: float,
+            think: bool,
+        ) -> AsyncIterator[tuple[Any, list[Turn], Any]]:
+            message = message or EMPTY_INPUT
+            try:
+                options = ChatOptions(
+                    system=system_text or "",
+                    tools=parse_tools(tools_text or ""),
+                    max_new_tokens=int(max_tokens),
+                    temperature=float(temp),
+                    top_p=float(p),
+                    top_k=int(k),
+                    role="tool" if role_name == "tool" else "user",
+                    enable_thinking=bool(think) if reasoning else None,
+                )
+                prepared = prepare(service, history, message.get("text") or "", message.get("files") or [], options)
+            except StokerError as exc:  # nothing sent: the message stays in the box for the user to fix
+                raise user_error(exc) from None
+            if prepared.dropped_turns:
+                gr.Info(f"The history was too long for the context: dropped the {prepared.dropped_turns} oldest turns.")
+            current = prepared.turns
+            # The box empties once, when the message is accepted; after that the user may type the next one.
+            entry_update: Any = EMPTY_INPUT
+            try:
+                async for current in stream_reply(service, prepared):
+                    yield chat_messages(current, live=True), current, entry_update
+                    entry_update = gr.skip()
+            except StokerError as exc:
+                raise user_error(exc) from None
+            yield chat_messages(current), current, gr.skip()
+
+        def show(history: list[Turn]) -> list[dict[str, Any]]:
+            return chat_messages(history)
+
+        def reset() -> tuple[list[Any], list[Turn]]:
+            return [], []
+
+        generate = entry.submit(
+            respond,
+            inputs=[entry, turns, system, tools, role, max_new_tokens, temperature, top_p, top_k, thinking],
+            outputs=[chatbot, turns, entry],
+            api_name="chat",
+            show_progress="minimal",
+            # Sessions generate side by side so the engine batches them; beyond that, they queue.
+            concurrency_limit=service.settings.max_num_seqs,
+            concurrency_id="generate",
+            # Enter pressed while a reply streams sends the message as soon as that reply is done.
+            trigger_mode="always_last",
+        )
+
+        # Cancel first, then act: an event still streaming could otherwise write its history back afterwards.
+        def after_cancel(trigger: Any, fn: Any, inputs: list[Any], outputs: list[Any]) -> None:
+            trigger(None, cancels=[generate], api_visibility="private").then(
+                fn, inputs=inputs, outputs=outputs, api_visibility="private"
+            )
+
+        # Stop keeps the partial reply, redrawn as finished.
+        after_cancel(stop.click, show, [turns], [chatbot])
+        after_cancel(clear.click, reset, [], [chatbot, turns])
+        # The Chatbot's own bin icon empties the display; the session's history must go with it.
+        after_cancel(chatbot.clear, reset, [], [chatbot, turns])
+    blocks.queue(max_size=service.settings.max_queue)
+    return blocks
+
+
+def launch_options(settings: Settings) -> dict[str, Any]:
+    """``Blocks.launch`` keywords from the settings (host, port, share) plus the page's privacy choices."""
+    return {
+        "server_name": settings.gradio_server_name,
+        "server_port": settings.gradio_server_port,
+        "share": settings.gradio_share,
+        "inbrowser": False,
+        "max_file_size": settings.image_max_bytes,
+        # Chats stay out of the browser's storage and out of Gradio's monitoring and MCP endpoints.
+        "run_history": False,
+        "enable_monitoring": False,
+        "mcp_server": False,
+        "footer_links": ["api", "settings"],
+        "theme": theme(),
+        "css": page_css(),
+    }
+
+
+def theme() -> gr.themes.Base:
+    # System fonts: the default theme would fetch fonts from Google, which leaks every page view and fails offline.
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+    )
