@@ -117,7 +117,10 @@ print("merged")
 
 
 def test_a_different_config_is_refused(tmp_path: Path) -> None:
-    PredictionStore(tmp_path, FINGERPRINT).prepare()
+    store = PredictionStore(tmp_path, FINGERPRINT)
+    store.prepare()
+    with store.open_part(0) as part:
+        part.write(record("identity", 0))
     changed = {**FINGERPRINT, "max_new_tokens": 128, "temperature": 0.7}
     with pytest.raises(ConfigError) as err:
         PredictionStore(tmp_path, changed).prepare()
@@ -126,6 +129,16 @@ def test_a_different_config_is_refused(tmp_path: Path) -> None:
         "temperature: unset -> 0.7). Set overwrite_output_dir: true (or pass --overwrite) to start over, or choose "
         "another output_dir."
     )
+
+
+def test_a_run_that_saved_no_row_is_replaced_by_a_different_config(tmp_path: Path) -> None:
+    first = PredictionStore(tmp_path, FINGERPRINT)
+    first.prepare()
+    first.open_part(0).close()  # opened, nothing written: the run stopped before its first row
+    changed = {**FINGERPRINT, "on_bad_row": "skip"}
+    PredictionStore(tmp_path, changed).prepare()
+    assert json.loads((tmp_path / "predict_manifest.json").read_text())["fingerprint"] == changed
+    assert not (tmp_path / "predict_parts").exists()
 
 
 def test_output_without_a_manifest_is_not_mixed_in(tmp_path: Path) -> None:
@@ -196,7 +209,10 @@ def test_output_keys_are_settings_fields(tmp_path: Path) -> None:
     settings = Settings(eval_dataset=["identity"], max_new_tokens=64)
     fingerprint = settings.fingerprint(list(OUTPUT_KEYS))
     assert fingerprint["eval_dataset"] == ["identity"] and fingerprint["max_new_tokens"] == 64
-    PredictionStore(tmp_path, fingerprint).prepare()
+    store = PredictionStore(tmp_path, fingerprint)
+    store.prepare()
+    with store.open_part(0) as part:
+        part.write(record("identity", 0))
     changed = Settings(eval_dataset=["identity"], max_new_tokens=32).fingerprint(list(OUTPUT_KEYS))
     with pytest.raises(ConfigError, match="max_new_tokens: 64 -> 32"):
         PredictionStore(tmp_path, changed).prepare()

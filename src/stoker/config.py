@@ -135,7 +135,7 @@ TRAINING_ONLY_KEYS = frozenset(
 )
 
 # Keys under other names in LLaMA-Factory or transformers, mapped onto ours.
-ALIASES = {"model_name": "api_model_name", "vllm_max_lora_rank": "vllm_max_lora_rank"}
+ALIASES = {"model_name": "api_model_name", "vllm_max_lora_rank": "vllm_max_lora_rank", "overwrite": "overwrite_output_dir"}
 
 # Environment variables read when the YAML does not set the key.
 ENV_KEYS = {

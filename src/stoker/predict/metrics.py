@@ -38,6 +38,11 @@ def _scorers() -> tuple[Any, Any, Any, Any]:
     return jieba, Rouge, sentence_bleu, SmoothingFunction().method3
 
 
+def check_scorers() -> None:
+    """Raise the ``ConfigError`` that scoring would raise, before hours of generation rather than after."""
+    _scorers()
+
+
 def similarity(predict: str, label: str) -> dict[str, float]:
     """The four scores of one row, each x100 and rounded to 4 places."""
     jieba, Rouge, sentence_bleu, method3 = _scorers()

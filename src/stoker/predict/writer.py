@@ -78,6 +78,8 @@ class PredictionStore:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             self._clear()
+        elif self.manifest_path.exists() and not self._holds_rows():
+            self._clear()  # a run that stopped before its first row (e.g. on a bad row): nothing to keep or mix
         elif self.manifest_path.exists():
             saved = self._read_manifest()
             if saved != self.fingerprint:
@@ -103,6 +105,10 @@ class PredictionStore:
         for path in (self.manifest_path, self.predictions_path, self.output_dir / RESULTS_FILE):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+    def _holds_rows(self) -> bool:
+        parts = self.parts_dir.glob("part-*.jsonl") if self.parts_dir.is_dir() else []
+        return self.predictions_path.exists() or any(p.stat().st_size > 0 for p in parts)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:

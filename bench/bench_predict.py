@@ -1,0 +1,148 @@
+"""Batch prediction throughput: Stoker's predict runner against plain ``transformers`` generate, in one process.
+
+Workload: the first ``--rows`` rows of LLaMA-Factory's alpaca_en_demo (../shared/data/llamafactory), rendered by the
+chat service for the demo chat model, greedy, ``--new-tokens`` new tokens at most (a row also ends at the model's
+end of turn). All three contenders get the same prompt token ids and the same stop token, on the same model object:
+
+- ``stoker``: ``runner.generate_rows``, the loop ``stoker predict`` runs (chunks in flight on the continuous-batching
+  engine, ``per_device_eval_batch_size`` rows at most decoding together, each row appended to a part file);
+- ``generate_batched``: ``model.generate`` over fixed batches of ``per_device_eval_batch_size`` rows in dataset
+  order, left-padded (what LLaMA-Factory's ``do_predict`` does);
+- ``generate_one_by_one``: ``model.generate`` one row at a time.
+
+Model loading, rendering and scoring are outside the timings; each contender's best of ``--repeats`` interleaved
+runs counts (the least disturbed one on a shared machine). Prints ONE JSON line with rows/s and generated
+tokens/s for each, the speedups, and how many rows' text equals the one-by-one output.
+
+Usage: ``python bench/bench_predict.py [--rows 200] [--new-tokens 64] [--batch-size 8] [--threads 1] [--repeats 3]``
+(on a CPU shared with other jobs, ``--threads 1`` gives far steadier numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_eval_batch_size")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved; the best counts")
+    parser.add_argument("--skip-one-by-one", action="store_true", help="leave out the slowest baseline")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from stoker.config import load_settings
+    from stoker.demo import ensure_demo_models
+    from stoker.predict.data import load_datasets
+    from stoker.predict.prompts import render_rows
+    from stoker.predict.runner import RankStats, _engine_settings, generate_rows
+    from stoker.predict.writer import PartWriter
+    from stoker.runtime import open_chat_service
+
+    model_dir = ensure_demo_models()["chat"]
+    settings = load_settings(None, {
+        "model_name_or_path": str(model_dir), "max_new_tokens": args.new_tokens, "do_sample": False,
+        "per_device_eval_batch_size": args.batch_size,
+    })  # fmt: skip
+    data = load_datasets(["alpaca_en_demo"], SHARED / "data" / "llamafactory", max_samples=args.rows)
+    service = open_chat_service(_engine_settings(settings))
+    rows, bad = render_rows(service, list(enumerate(data[0].examples)), cutoff_len=settings.cutoff_len)
+    assert not bad, bad
+    model, tokenizer = service.engine.model, service.tokenizer
+    stop_ids = rows[0].params.stop_token_ids
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    prompts = [r.ids for r in rows]
+
+    def trim(tokens: list[int]) -> list[int]:
+        """Generated tokens up to and including the first stop token (generate pads finished rows)."""
+        for i, token in enumerate(tokens):
+            if token in stop_ids:
+                return tokens[: i + 1]
+        return tokens
+
+    def generate(batch: list[list[int]]) -> list[list[int]]:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad_id)
+        return [trim(row[width:].tolist()) for row in out]
+
+    def run_stoker() -> tuple[float, int, list[str]]:
+        stats = RankStats()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "part.jsonl"
+            with PartWriter(path) as part:
+                start = time.perf_counter()
+                generate_rows(service, rows, part, stats)
+                elapsed = time.perf_counter() - start
+            by_index = {r["index"]: r["predict"] for r in map(json.loads, path.read_text().splitlines())}
+        return elapsed, stats.completion_tokens, [by_index[r.example.index] for r in rows]
+
+    def texts(outputs: list[list[int]]) -> list[str]:
+        return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+    def run_batched() -> tuple[float, int, list[str]]:
+        start = time.perf_counter()
+        out = [t for i in range(0, len(prompts), args.batch_size) for t in generate(prompts[i : i + args.batch_size])]
+        return time.perf_counter() - start, sum(map(len, out)), texts(out)
+
+    def run_one_by_one() -> tuple[float, int, list[str]]:
+        start = time.perf_counter()
+        out = [generate([p])[0] for p in prompts]
+        return time.perf_counter() - start, sum(map(len, out)), texts(out)
+
+    # Warm-up (allocator, kernels, lazy imports).
+    generate(prompts[:2])
+    service.engine.generate_batch([r.request() for r in rows[:2]])
+
+    contenders = {"stoker": run_stoker, "generate_batched": run_batched}
+    if not args.skip_one_by_one:
+        contenders["generate_one_by_one"] = run_one_by_one
+    timings: dict[str, tuple[float, int, list[str]]] = {}
+    for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits every contender alike
+        for name, run in contenders.items():
+            result = run()
+            if name not in timings or result[0] < timings[name][0]:
+                timings[name] = result
+    service.engine.close()
+
+    reference = timings.get("generate_one_by_one", timings["generate_batched"])[2]
+    report = {}
+    for name, (seconds, tokens, outputs) in timings.items():
+        report[name] = {"seconds": round(seconds, 2), "rows_s": round(len(rows) / seconds, 2),
+                        "tok_s": round(tokens / seconds, 1), "tokens": tokens,
+                        "rows_equal_to_reference": sum(a == b for a, b in zip(outputs, reference))}  # fmt: skip
+    print(json.dumps({
+        "bench": "predict",
+        "model": "demo:chat",
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "rows": len(rows),
+        "new_tokens": args.new_tokens,
+        "per_device_eval_batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "reference": "generate_one_by_one" if "generate_one_by_one" in timings else "generate_batched",
+        **report,
+        "speedup_vs_batched": round(timings["generate_batched"][0] / timings["stoker"][0], 2),
+        **({"speedup_vs_one_by_one": round(timings["generate_one_by_one"][0] / timings["stoker"][0], 2)}
+           if "generate_one_by_one" in timings else {}),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The FastAPI app of ``stoker api``: OpenAI's chat and text completion routes over one batching engine.
+
+One uvicorn worker serves every client: concurrency comes from the engine batching requests step by step, not
+from processes (each of which would load its own copy of the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from stoker import __version__
+from stoker.errors import ConfigError
+from stoker.server.auth import bearer_auth
+from stoker.server.errors import install_error_handlers
+from stoker.server.middleware import ObservabilityMiddleware
+from stoker.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
+from stoker.server.serving_chat import create_chat_completion
+from stoker.server.serving_completions import create_completion
+from stoker.server.state import ServerState
+
+if TYPE_CHECKING:
+    from stoker.chat import ChatService
+    from stoker.config import Settings
+
+logger = logging.getLogger("stoker")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (bad JSON, field, role, or too many tokens)"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when API_KEY is set)"},
+    404: {"model": ErrorResponse, "description": "Unknown model id"},
+    422: {"model": ErrorResponse, "description": "The model's reply breaks response_format"},
+    429: {"model": ErrorResponse, "description": "The engine's queue is full; retry later"},
+    500: {"model": ErrorResponse, "description": "Unexpected server error (logged with the request id)"},
+}
+_STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def create_app(service: ChatService, settings: Settings) -> FastAPI:
+    """The app over an opened chat service: ``runtime.open_chat_service(settings, per_request_adapters=True)``."""
+    from stoker.runtime import served_model_name
+
+    state = ServerState(service=service, settings=settings, base_model=served_model_name(settings))
+    app = FastAPI(
+        title="Stoker",
+        version=__version__,
+        description="OpenAI-compatible API. Send 'Authorization: Bearer <API_KEY>' when the server has a key.",
+    )
+    app.state.stoker = state
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_auth(settings.api_key))], responses=_ERRORS)
+
+    @v1.get("/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=state.model_cards())
+
+    @v1.get("/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(model_id: str) -> ModelCard:
+        state.adapter_for(model_id)  # 404 for an unknown id
+        return next(card for card in state.model_cards() if card.id == model_id)
+
+    @v1.post("/chat/completions", response_model=ChatCompletion, responses=_STREAMABLE)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    @v1.post("/completions", response_model=Completion, responses=_STREAMABLE)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    app.include_router(v1)
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(model=state.base_model)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        text = state.metrics.render(service.engine.stats())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(ObservabilityMiddleware, metrics=state.metrics)
+    app.openapi = lambda: _openapi_with_model_ids(app, [card.id for card in state.model_cards()])  # type: ignore
+    return app
+
+
+def _openapi_with_model_ids(app: FastAPI, model_ids: list[str]) -> dict[str, Any]:
+    """FastAPI's schema, with the served model ids as the values ``model`` may take (clients and fuzzers see them)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = model_ids
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def run_api(settings: Settings) -> int:
+    """Load the model, serve until Ctrl-C / SIGTERM, then release the engine. Returns the exit code."""
+    import uvicorn
+
+    from stoker.runtime import open_chat_service
+
+    # Bind before loading the model: a busy port should fail in a second, not after the load.
+    sock = _bind(settings.api_host, settings.api_port)
+    service = open_chat_service(settings, per_request_adapters=True)
+    try:
+        app = create_app(service, settings)
+        state: ServerState = app.state.stoker
+        shown_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+        logger.info(
+            "serving %s on http://%s:%d/v1 (models: %s)%s",
+            state.base_model,
+            shown_host,
+            sock.getsockname()[1],
+            ", ".join(card.id for card in state.model_cards()),
+            "; API key required" if settings.api_key else "",
+        )
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.engine.close()
+        sock.close()
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): another process may use the port. Set "
+            "api_port (or API_PORT) to a free port, or api_host (API_HOST) to an address of this machine."
+        ) from None
+    sock.set_inheritable(True)
+    return sock

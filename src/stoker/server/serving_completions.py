@@ -1,0 +1,219 @@
+"""``POST /v1/completions``: raw prompts, no chat template. A text prompt is tokenized as is, with the tokenizer's
+own special-token handling (BOS where the tokenizer adds one); token-id prompts go to the engine unchanged.
+
+Several prompts in one request become one engine request each; choice ``k`` of prompt ``p`` has index ``p * n + k``,
+as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
+from stoker.engines.detokenize import decode
+from stoker.errors import RequestError, StokerError
+from stoker.server.errors import sse_error
+from stoker.server.protocol import (
+    CLIENT_CLOSED,
+    LOGPROB_FLOOR,
+    SSE_DONE,
+    SSE_HEADERS,
+    CompletionRequest,
+    completion_chunk,
+    sse,
+    usage,
+)
+from stoker.server.state import ServerState
+from stoker.server.streams import admitted_streams, merge, until_disconnected
+
+logger = logging.getLogger("stoker")
+
+
+@dataclass
+class CompletionPlan:
+    requests: list[GenerationRequest]
+    echo_texts: list[str]  # per prompt: the prompt text when echo is on, else ""
+    n: int
+    logprobs: int | None
+    include_usage: bool
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, http: Request) -> Response:
+    started = time.perf_counter()
+    request_id = "cmpl-" + http.state.request_id
+    plan = plan_completion(state, body, request_id)
+    present, streams = await until_disconnected(http, admitted_streams(state.service.engine, plan.requests))
+    if not present or streams is None:
+        state.metrics.aborted += 1
+        return Response(status_code=CLIENT_CLOSED)
+    state.metrics.first_token(time.perf_counter() - started)
+    if body.stream:
+        events = completion_events(state, plan, streams, request_id, body.model)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    present, result = await until_disconnected(http, completion_result(state, plan, streams, request_id, body.model))
+    if not present:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        state.metrics.aborted += 1
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result)
+
+
+def plan_completion(state: ServerState, body: CompletionRequest, request_id: str) -> CompletionPlan:
+    adapter = state.adapter_for(body.model)
+    if body.suffix:
+        raise RequestError("suffix (fill-in-the-middle) is not supported: remove it.", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of is not supported (other than best_of = n): remove it.", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise RequestError("echo with logprobs would need prompt logprobs, which this server does not compute: "
+                           "drop one of them.", param="logprobs")
+    tokenizer = state.service.tokenizer
+    prompts = prompt_token_lists(tokenizer, body.prompt)
+    explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
+    params = state.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    requests = []
+    echo_texts = []
+    for i, ids in enumerate(prompts):
+        fitted = state.service.fit_params(len(ids), params)  # a default max_tokens is clipped to the context
+        state.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
+        suffix = f"-{i}" if len(prompts) > 1 else ""
+        requests.append(GenerationRequest(prompt_ids=ids, params=replace(fitted), request_id=request_id + suffix,
+                                          adapter=adapter))
+        echo_texts.append(decode(tokenizer, ids, True) if body.echo else "")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return CompletionPlan(requests, echo_texts, body.n, body.logprobs, include_usage)
+
+
+def prompt_token_lists(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and isinstance(prompt[0], int):
+        prompt = [prompt]  # type: ignore[list-item]
+    out: list[list[int]] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            if not item:
+                raise RequestError(f"prompt[{i}] is empty: send some text.", param="prompt")
+            ids = list(tokenizer(item)["input_ids"])
+            if not ids:
+                raise RequestError(f"prompt[{i}] tokenizes to nothing: send some text.", param="prompt")
+            out.append(ids)
+        else:
+            out.append(list(item))  # token ids; the engine checks they are in the vocabulary
+    return out
+
+
+async def completion_result(
+    state: ServerState, plan: CompletionPlan, streams: list[AsyncIterator[Delta]], request_id: str, model: str
+) -> dict[str, Any]:
+    n = plan.n
+    total = len(streams) * n
+    texts: list[list[str]] = [[] for _ in range(total)]
+    lps: list[list[TokenLogprob]] = [[] for _ in range(total)]
+    finish = ["length"] * total
+    completion_tokens = [0] * total
+    async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
+        async for p, delta in merged:
+            k = p * n + delta.index
+            texts[k].append(delta.text)
+            if delta.logprobs:
+                lps[k].extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                finish[k] = delta.finish_reason
+                completion_tokens[k] = delta.completion_tokens
+    prompt_tokens = sum(len(r.prompt_ids) for r in plan.requests)
+    choices = []
+    for k in range(total):
+        echo = plan.echo_texts[k // n]
+        text = "".join(texts[k])
+        choices.append(
+            {
+                "index": k,
+                "text": echo + text,
+                "logprobs": completion_logprobs(lps[k], len(echo)) if plan.logprobs is not None else None,
+                "finish_reason": finish[k],
+            }
+        )
+    state.metrics.generation_done(prompt_tokens, sum(completion_tokens), finish)
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, sum(completion_tokens)),
+    }
+
+
+def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, and the top alternatives as {token text: logprob}."""
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [max(t.logprob, LOGPROB_FLOOR) for t in items],
+        "top_logprobs": [{text: max(lp, LOGPROB_FLOOR) for _, text, lp in t.top} for t in items],
+        "text_offset": offsets,
+    }
+
+
+async def completion_events(
+    state: ServerState, plan: CompletionPlan, streams: list[AsyncIterator[Delta]], request_id: str, model: str
+) -> AsyncIterator[str]:
+    n = plan.n
+    created = int(time.time())
+    with_usage = plan.include_usage
+    offsets = [len(plan.echo_texts[k // n]) for k in range(len(streams) * n)]
+    completion_tokens = 0
+    reasons: list[str] = []
+    open_choices = len(streams) * n
+    failed = False
+
+    def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse(completion_chunk(request_id, created, model, [choice], with_usage=with_usage))
+
+    try:
+        for k in range(len(streams) * n):
+            if plan.echo_texts[k // n]:
+                yield chunk(k, plan.echo_texts[k // n], None, None)
+        async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
+            async for p, delta in merged:
+                k = p * n + delta.index
+                lp = None
+                if plan.logprobs is not None and delta.logprobs:
+                    lp = completion_logprobs(delta.logprobs, offsets[k])
+                    offsets[k] += sum(len(t.token) for t in delta.logprobs)
+                if delta.text or lp or delta.finish_reason:
+                    yield chunk(k, delta.text, lp, delta.finish_reason)
+                if delta.finish_reason is not None:
+                    completion_tokens += delta.completion_tokens
+                    reasons.append(delta.finish_reason)
+                    open_choices -= 1
+    except StokerError as exc:
+        failed = True
+        yield sse_error(exc, request_id)
+    except Exception:
+        failed = True
+        logger.exception("request %s failed while streaming", request_id)
+        yield sse_error(None, request_id)
+    finally:
+        if open_choices and not failed:
+            state.metrics.aborted += 1
+        prompt_tokens = sum(len(r.prompt_ids) for r in plan.requests)
+        state.metrics.generation_done(prompt_tokens, completion_tokens, reasons)
+    if with_usage and not open_choices:
+        counts = usage(prompt_tokens, completion_tokens)
+        yield sse(completion_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
+    yield SSE_DONE

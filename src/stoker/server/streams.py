@@ -1,0 +1,139 @@
+"""Async plumbing between engine streams and HTTP: admission before headers, merging, and client disconnects.
+
+Cancellation contract (``engines.base``): closing an engine stream, or cancelling the task that iterates it, aborts
+the request and frees its slot. Everything here therefore closes streams explicitly (``aclosing``) instead of
+leaving them to the garbage collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from stoker.engines.base import Delta, Engine, GenerationRequest
+
+T = TypeVar("T")
+
+
+async def admitted_stream(engine: Engine, request: GenerationRequest) -> AsyncIterator[Delta]:
+    """Start ``request`` and wait for its first delta, then return a stream of all its deltas.
+
+    Waiting for the first delta means a full queue (429) or an impossible request (400) is an HTTP status, not an
+    error event after a 200 header.
+    """
+    stream = engine.stream(request)
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return _empty()
+    except BaseException:
+        await stream.aclose()
+        raise
+    return _prepend(first, stream)
+
+
+async def _empty() -> AsyncIterator[Delta]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    async with contextlib.aclosing(rest):  # type: ignore[type-var]
+        yield first
+        async for delta in rest:
+            yield delta
+
+
+async def admitted_streams(engine: Engine, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+    """``admitted_stream`` for several requests at once. If one fails, or the caller is cancelled, every stream
+    already started is closed (aborting its request) before the error propagates."""
+    tasks = [asyncio.ensure_future(admitted_stream(engine, r)) for r in requests]
+    try:
+        await asyncio.wait(tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        await _close_started(tasks)
+        raise
+    failed = [t.exception() for t in tasks if t.exception() is not None]
+    if failed:
+        await _close_started(tasks)
+        raise failed[0]  # type: ignore[misc]
+    return [t.result() for t in tasks]
+
+
+async def _close_started(tasks: Sequence[asyncio.Future[AsyncIterator[Delta]]]) -> None:
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().aclose()  # type: ignore[attr-defined]
+
+
+async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, tagged with the stream's position. Closing the merge closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):  # type: ignore[type-var]
+            async for item in streams[0]:
+                yield 0, item
+        return
+    done = object()
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for item in stream:
+                    await queue.put((i, item, None))
+        except Exception as exc:  # handed to the consumer, raised there
+            await queue.put((i, done, exc))
+            return
+        await queue.put((i, done, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                open_streams -= 1
+                continue
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work`` unless the client hangs up first, in which case it is cancelled (freeing its engine slots).
+
+    Returns ``(True, result)`` or ``(False, None)`` when the client left. Streaming responses need none of this:
+    Starlette cancels their body iterator when the client goes.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False, None
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

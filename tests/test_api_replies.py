@@ -1,0 +1,194 @@
+"""From generated text to OpenAI messages (``stoker.server.replies``), with the real built-in templates' parsers.
+
+The demo model never writes a tool call, so tool-call and reasoning replies are given as text here. The property
+that matters for streaming: the deltas of a reply, however the text is cut into pieces, add up to exactly what the
+whole reply resolves to, and content is released as soon as it cannot be the start of a tool call.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stoker.server.replies import (
+    InvalidOutputError,
+    ReplyStreamer,
+    ToolPolicy,
+    json_object_text,
+    reasoning_prefix,
+    resolve_reply,
+    stream_markers,
+)
+from stoker.templates import get_template
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+AUTO = ToolPolicy("auto", [WEATHER, TIME])
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def streamed(template_name: str, text: str, policy: ToolPolicy, *, piece: int, finish: str = "stop",
+             prefix: str = "", json_mode: bool = False) -> tuple[dict, list[dict]]:
+    """Run ``text`` through a ReplyStreamer in pieces of ``piece`` characters; return the summed message and the
+    deltas as they were released."""
+    template = get_template(template_name, None)
+
+    def parse(t: str, *, tools_given: bool):
+        return template.parse_reply(prefix + t, tools_given=tools_given)
+
+    reasoning_markers, tool_markers = stream_markers(template, policy)
+    streamer = ReplyStreamer(parse, policy, reasoning_markers=reasoning_markers, tool_markers=tool_markers,
+                             json_mode=json_mode)
+    deltas = []
+    for i in range(0, len(text), piece):
+        part = streamer.push(text[i : i + piece])
+        deltas.append({"content": part.content, "reasoning": part.reasoning, "calls": [], "at": i + piece})
+    rest, reason = streamer.finish(finish)
+    calls = [(c.name, json.loads(c.arguments)) for c in rest.tool_calls]
+    deltas.append({"content": rest.content, "reasoning": rest.reasoning, "calls": calls, "at": len(text)})
+    total = {
+        "content": "".join(d["content"] for d in deltas),
+        "reasoning": "".join(d["reasoning"] for d in deltas),
+        "calls": calls,
+        "finish": reason,
+    }
+    return total, deltas
+
+
+def whole(template_name: str, text: str, policy: ToolPolicy, *, finish: str = "stop", prefix: str = "") -> dict:
+    template = get_template(template_name, None)
+
+    def parse(t: str, *, tools_given: bool):
+        return template.parse_reply(prefix + t, tools_given=tools_given)
+
+    reply = resolve_reply(parse, text, finish, policy, json_mode=False)
+    return {
+        "content": reply.content or "",
+        "reasoning": reply.reasoning or "",
+        "calls": [(c.name, json.loads(c.arguments)) for c in reply.tool_calls],
+        "finish": reply.finish_reason,
+    }
+
+
+PIECES = [1, 2, 3, 7, 1000]
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_tool_call_streams_like_the_whole_reply(piece: int) -> None:
+    text = "Let me check.\n" + CALL
+    total, deltas = streamed("qwen", text, AUTO, piece=piece)
+    assert total == whole("qwen", text, AUTO) == {
+        "content": "Let me check.", "reasoning": "", "calls": [("get_weather", {"city": "Paris"})],
+        "finish": "tool_calls"}
+    # The words before the call went out before the call was complete.
+    if piece < len(text):
+        released = [d for d in deltas if d["content"]]
+        assert released[0]["at"] < text.index("<tool_call>") + piece
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_reasoning_streams_as_it_comes(piece: int) -> None:
+    text = "<think>\nThe user wants weather.\n</think>\n\nIt is sunny."
+    total, deltas = streamed("qwen3", text, AUTO, piece=piece)
+    assert total == whole("qwen3", text, AUTO) == {
+        "content": "It is sunny.", "reasoning": "The user wants weather.", "calls": [], "finish": "stop"}
+    if piece < 10:
+        # Reasoning is released in several pieces while the block is open, not in one lump at the end.
+        assert sum(1 for d in deltas if d["reasoning"]) > 3
+        assert all(d["reasoning"] == "" for d in deltas if d["at"] > text.index("</think>") + piece)
+
+
+@pytest.mark.parametrize("piece", [1, 4, 1000])
+def test_reasoning_then_tool_call(piece: int) -> None:
+    text = "<think>\nNeed the tool.\n</think>\n\n" + CALL
+    total, _ = streamed("qwen3", text, AUTO, piece=piece)
+    assert total == whole("qwen3", text, AUTO)
+    assert total["reasoning"] == "Need the tool." and total["finish"] == "tool_calls" and total["content"] == ""
+
+
+@pytest.mark.parametrize("piece", [1, 5])
+def test_prompt_opened_reasoning(piece: int) -> None:
+    template = get_template("qwen3", None)
+    assert reasoning_prefix(template, "<|im_start|>assistant\n<think>\n") == "<think>"
+    assert reasoning_prefix(template, "<|im_start|>assistant\n<think>\n\n</think>\n\n") == ""
+    assert reasoning_prefix(get_template("qwen", None), "<think>\n") == ""  # the family has no reasoning
+    text = "Thinking hard.\n</think>\n\nDone."
+    total, deltas = streamed("qwen3", text, AUTO, piece=piece, prefix="<think>")
+    assert total == whole("qwen3", text, AUTO, prefix="<think>")
+    assert total["reasoning"] == "Thinking hard." and total["content"] == "Done."
+    assert deltas[0]["reasoning"] or deltas[1]["reasoning"]  # shown as reasoning from the first pieces
+
+
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+def test_plain_text_with_marker_lookalikes_is_content(piece: int) -> None:
+    text = "Use <tool> tags and <tool_c ideas, 3 < 4."
+    total, deltas = streamed("qwen", text, AUTO, piece=piece)
+    assert total == {"content": text, "reasoning": "", "calls": [], "finish": "stop"}
+    if piece == 1:
+        # Held back only while the tail could still become "<tool_call>".
+        assert "".join(d["content"] for d in deltas[:-1]) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [
+        ('<tool_call>\n{"name": "launch_rocket", "arguments": {}}\n</tool_call>', AUTO),  # not an offered function
+        (CALL.replace("get_weather", "get_time"), ToolPolicy("named", [WEATHER], forced="get_weather")),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', AUTO),  # broken JSON
+        (CALL, ToolPolicy("none")),  # tool_choice none: nothing is a call
+    ],
+)
+def test_calls_the_request_does_not_allow_are_content(text: str, policy: ToolPolicy) -> None:
+    expected = {"content": text, "reasoning": "", "calls": [], "finish": "stop"}
+    assert whole("qwen", text, policy) == expected
+    for piece in (1, 6, 1000):
+        assert streamed("qwen", text, policy, piece=piece)[0] == expected
+
+
+def test_parallel_calls_and_parallel_off() -> None:
+    text = CALL + "\n" + CALL.replace("get_weather", "get_time")
+    total, _ = streamed("qwen", text, AUTO, piece=3)
+    assert [name for name, _ in total["calls"]] == ["get_weather", "get_time"]
+    single = ToolPolicy("auto", [WEATHER, TIME], parallel=False)
+    assert [name for name, _ in whole("qwen", text, single)["calls"]] == ["get_weather"]
+
+
+def test_length_cut_call_is_content() -> None:
+    text = CALL[:30]
+    assert whole("qwen", text, AUTO, finish="length") == {"content": text, "reasoning": "", "calls": [],
+                                                        "finish": "length"}
+
+
+def test_other_families() -> None:
+    llama = '{"name": "get_weather", "parameters": {"city": "Rome"}}'
+    for piece in (1, 1000):
+        assert streamed("llama3_1", llama, AUTO, piece=piece)[0] == whole("llama3_1", llama, AUTO) == {
+            "content": "", "reasoning": "", "calls": [("get_weather", {"city": "Rome"})], "finish": "tool_calls"}
+    mistral = 'Sure.[TOOL_CALLS] [{"name": "get_time", "arguments": {}}]'
+    assert streamed("mistral", mistral, AUTO, piece=2)[0] == whole("mistral", mistral, AUTO)
+    assert whole("mistral", mistral, AUTO)["calls"] == [("get_time", {})]
+    # GLM writes a call as a bare "name\n{args}": no marker, so with tools the whole reply is held to the end.
+    glm = 'get_weather\n{"city": "Oslo"}'
+    total, deltas = streamed("glm4", glm, AUTO, piece=1)
+    assert total == whole("glm4", glm, AUTO) and total["calls"] == [("get_weather", {"city": "Oslo"})]
+    assert all(not d["content"] for d in deltas[:-1])
+
+
+def test_json_mode() -> None:
+    assert json_object_text(' {"a": 1} ') == '{"a": 1}'
+    assert json_object_text('```json\n{"a": [1, 2]}\n```') == '{"a": [1, 2]}'
+    with pytest.raises(InvalidOutputError, match="not valid JSON") as err:
+        json_object_text("I am Stoker.")
+    assert err.value.http_status == 422 and err.value.code == "invalid_json_output"
+    assert "'I am Stoker.'" in err.value.message
+    with pytest.raises(InvalidOutputError, match="a list, not an object"):
+        json_object_text("[1, 2]")
+    # Streaming JSON mode holds everything, then sends the checked object.
+    total, deltas = streamed("qwen", '{"ok": true}', ToolPolicy("none"), piece=2, json_mode=True)
+    assert total["content"] == '{"ok": true}' and all(not d["content"] for d in deltas[:-1])
+    with pytest.raises(InvalidOutputError):
+        streamed("qwen", "nope", ToolPolicy("none"), piece=2, json_mode=True)
+    # A reply cut off by the length limit is returned unchecked.
+    assert streamed("qwen", '{"ok": tr', ToolPolicy("none"), piece=2, json_mode=True, finish="length")[0][
+        "content"] == '{"ok": tr'
