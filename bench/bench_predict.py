@@ -47,7 +47,7 @@ def main() -> None:
     from stoker.demo import ensure_demo_models
     from stoker.predict.data import load_datasets
     from stoker.predict.prompts import render_rows
-    from stoker.predict.runner import RankStats, _engine_settings, generate_rows
+    from stoker.predict.runner import RankStats, engine_settings, generate_rows
     from stoker.predict.writer import PartWriter
     from stoker.runtime import open_chat_service
 
@@ -57,7 +57,7 @@ def main() -> None:
         "per_device_eval_batch_size": args.batch_size,
     })  # fmt: skip
     data = load_datasets(["alpaca_en_demo"], SHARED / "data" / "llamafactory", max_samples=args.rows)
-    service = open_chat_service(_engine_settings(settings))
+    service = open_chat_service(engine_settings(settings))
     rows, bad = render_rows(service, list(enumerate(data[0].examples)), cutoff_len=settings.cutoff_len)
     assert not bad, bad
     model, tokenizer = service.engine.model, service.tokenizer

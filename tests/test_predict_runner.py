@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -345,9 +346,9 @@ def test_long_prompts_are_cut_to_cutoff_len_from_the_front(
 def test_rows_the_model_cannot_take_are_reported_or_skipped(
     tmp_path: Path, demo_chat: Path, data_dir: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image = next((shared_dir / "images").rglob("*.jpg"))
+    shutil.copy(next((shared_dir / "images").rglob("*.jpg")), data_dir / "picture.jpg")
     rows = [*OPENAI_ROWS[:1], {"messages": [{"role": "user", "content": "<image>What is this?"},
-                                            {"role": "assistant", "content": "A picture."}], "images": [str(image)]},
+                                            {"role": "assistant", "content": "A picture."}], "images": ["picture.jpg"]},
             OPENAI_ROWS[1]]  # fmt: skip
     (data_dir / "oa.json").write_text(json.dumps(rows), encoding="utf-8")
     info = json.loads((data_dir / "dataset_info.json").read_text())
@@ -365,6 +366,35 @@ def test_rows_the_model_cannot_take_are_reported_or_skipped(
     assert cli_main(["predict", str(config), "on_bad_row=skip"]) == 0
     assert [(r["index"], r["predict"]) for r in lines(out)] == [(0, "Nairobi."), (2, "Blue.")]
     assert "predict: bad rows skipped (on_bad_row: skip): 1" in capsys.readouterr().err
+
+
+def test_image_rows_are_answered_by_the_demo_vision_model(tmp_path: Path, demo_models: dict[str, Path]) -> None:
+    """LLaMA-Factory's multimodal layout (mllm_demo: sharegpt with OpenAI-style tags and an images column)."""
+    from stoker.demo.vision_tasks import QUESTIONS, answer, draw_shape
+
+    data = tmp_path / "data"
+    (data / "pictures").mkdir(parents=True)
+    rows = []
+    for n, (shape, color, task) in enumerate([("circle", "red", "shape"), ("square", "blue", "color"),
+                                              ("triangle", "green", "describe")]):  # fmt: skip
+        draw_shape(shape, color, size=64, seed=n).save(data / "pictures" / f"{n}.png")
+        rows.append({"messages": [{"role": "user", "content": "<image>" + QUESTIONS[task][0]},
+                                  {"role": "assistant", "content": answer(task, shape, color)}],
+                     "images": [f"pictures/{n}.png"]})  # fmt: skip
+    (data / "shapes.json").write_text(json.dumps(rows), encoding="utf-8")
+    info = {"shapes": {"file_name": "shapes.json", "formatting": "sharegpt",
+                       "columns": {"messages": "messages", "images": "images"},
+                       "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                "assistant_tag": "assistant"}}}  # fmt: skip
+    (data / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "vision.yaml", model_name_or_path=str(demo_models["vision"]),
+                          dataset_dir=str(data), eval_dataset="shapes", max_new_tokens=16, output_dir=str(out))  # fmt: skip
+    assert cli_main(["predict", str(config)]) == 0
+    got = lines(out)
+    assert [r["predict"] for r in got] == ["A circle.", "Blue.", "A green triangle."]
+    assert [r["label"] for r in got] == [r["predict"] for r in got]
 
 
 # --- several processes ---------------------------------------------------------------------------------------------

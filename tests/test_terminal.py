@@ -40,15 +40,14 @@ def test_eof_quits_cleanly_and_adapter_config(demo_chat: Path, demo_adapter: Pat
 
 
 def test_long_history_is_trimmed_with_notice(demo_chat: Path) -> None:
-    # Each echo turn is ~30 tokens; 40 of them overflow the 512-token context several times over.
-    words = "red blue green yellow black white brown pink"
-    lines = "".join(f"Repeat after me: {words}\n" for _ in range(40))
-    out = chat(lines + "Who are you?\n", f"model_name_or_path={demo_chat}", "max_new_tokens=32")
+    # Each exchange is ~20 tokens; 60 of them overflow the 512-token context more than twice.
+    question = "What is the capital of France?"
+    out = chat(f"{question}\n" * 60 + "Who are you?\n", f"model_name_or_path={demo_chat}", "max_new_tokens=32")
     assert out.returncode == 0, out.stderr
     assert "oldest messages)" in out.stdout
     got = replies(out.stdout)
-    assert len(got) == 41
+    assert len(got) == 61
     assert "Error:" not in out.stdout
     # Before the context fills the model answers as trained; the demo model saw at most 3 exchanges in training,
     # so answers deep into a full 512-token context are not asserted.
-    assert got[:3] == [words] * 3
+    assert got[:3] == [FACTS[question]] * 3

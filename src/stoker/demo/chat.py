@@ -24,7 +24,7 @@ def model_config(recipe: ChatRecipe, tokenizer: Any) -> Any:
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers,
         num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
         head_dim=recipe.hidden_size // recipe.num_heads,
         max_position_embeddings=recipe.max_positions,
         rms_norm_eps=1e-5,

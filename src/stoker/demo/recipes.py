@@ -19,6 +19,7 @@ class ChatRecipe:
     intermediate_size: int = 512
     num_layers: int = 3
     num_heads: int = 4
+    num_kv_heads: int = 4
     max_positions: int = 512
     # Data and optimisation.
     conversations: int = 28_800  # steps * batch_size: every conversation is seen once

@@ -200,8 +200,7 @@ def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}") from None
     model.to(device)
-    model.eval()
-    torch.set_grad_enabled(False)
+    model.eval()  # the engines run under torch.inference_mode; grad mode is left alone for the caller
 
     adapters = adapter_paths(settings)
     merge = settings.merge_adapters if merge is None else merge

@@ -84,10 +84,13 @@ def _render(
         if getattr(example, kind):
             raise _Unrenderable(f"the row has {kind}; Stoker predicts on text and images only")
     messages, part_images = service.normalize(example.messages)
-    from stoker.media import load_image, media_roots
+    images = [*part_images, *example.images]
+    if example.images and service.engine.info.vision:  # (a text-only model refuses them in build_prompt)
+        from stoker.media import load_image, media_roots
 
-    roots = media_roots(service.settings, dataset=True)
-    images = [*part_images, *(load_image(ref, service.settings, roots=roots) for ref in example.images)]
+        # Dataset images are read from dataset_dir as well as media_dir; the chat surfaces allow media_dir only.
+        roots = media_roots(service.settings, dataset=True)
+        images = [*part_images, *(load_image(ref, service.settings, roots=roots) for ref in example.images)]
     prompt = service.build_prompt(messages, tools=example.tools, images=images or None)
     ids = prompt.ids
     truncated = len(ids) > limit

@@ -94,7 +94,7 @@ def predict(settings: Settings, world: World) -> int:
             pin_gpu(world)
             from stoker.runtime import open_chat_service
 
-            svc = open_chat_service(_engine_settings(settings))
+            svc = open_chat_service(engine_settings(settings))
             try:
                 rows, bad = render_rows(svc, mine, cutoff_len=settings.cutoff_len)
             except BaseException:
@@ -173,7 +173,7 @@ def _load(settings: Settings, world: World) -> _Plan:
     return _Plan(datasets, store)
 
 
-def _engine_settings(settings: Settings) -> Settings:
+def engine_settings(settings: Settings) -> Settings:
     # per_device_eval_batch_size is how many rows LLaMA-Factory generates together; here it caps the engine's rows.
     return dataclasses.replace(settings, max_num_seqs=settings.per_device_eval_batch_size)
 
