@@ -360,7 +360,7 @@ GREEDY_DEFAULTS: dict[str, Any] = {
 def generation_defaults(settings: Settings, model_generation_config: dict[str, Any] | None) -> dict[str, Any]:
     """Resolve the generation keys: the YAML wins, then the model's generation_config.json, then greedy.
 
-    LLaMA-Factory samples at top_p 0.95 / temperature 0.7 unless told otherwise, so its results vary run to run;
+    LLaMA-Factory samples at temperature 0.95 / top_p 0.7 (top_k 50) unless told otherwise, so its results vary run to run;
     Stoker is greedy unless the config or the model's own generation_config asks for sampling.
     """
     gen = model_generation_config or {}
