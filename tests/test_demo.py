@@ -20,13 +20,11 @@ from stoker.demo.evaluate import DemoBuildError, evaluate
 from stoker.demo.registry import DEMO_MODELS, DemoModel
 from stoker.errors import ConfigError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SRC = Path(stoker.__file__).resolve().parents[1]
-
-
 MINE = ("chat", "adapter")  # the other demo models have their own tests
 
 
+# Overrides conftest's session fixture, which builds every demo model (the vision one takes minutes more).
 @pytest.fixture(scope="module")
 def demo_models() -> dict[str, Path]:
     return ensure_demo_models(names=MINE)
@@ -96,18 +94,19 @@ def test_tokenizer_is_chatml_without_bos(tokenizer, demo_models):
     [
         user("Who are you?"),
         [{"role": "system", "content": "Be brief."}, *user("Hi")],
-        [*user("Hello"), {"role": "assistant", "content": tasks.GREETING_ANSWER}, *user("What is the capital of Italy?")],
+        [*user("Hello"), {"role": "assistant", "content": tasks.GREETING_ANSWER}, *user("What is 2 + 2?")],
     ],
 )
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_renders_official_chatml(tokenizer, messages, add_generation_prompt):
+def test_chat_template_renders_official_chatml(tokenizer, shared_dir, messages, add_generation_prompt):
     import jinja2
 
-    official = jinja2.Template((SHARED / "chat_templates" / "chatml.jinja").read_text())
+    official = jinja2.Template((shared_dir / "chat_templates" / "chatml.jinja").read_text())
     expected = official.render(messages=messages, add_generation_prompt=add_generation_prompt)
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == expected
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert rendered == expected
     if messages[0]["role"] == "system":  # with a system message, Qwen2's own template agrees too
-        qwen2 = jinja2.Template((SHARED / "chat_templates" / "qwen2-instruct.jinja").read_text())
+        qwen2 = jinja2.Template((shared_dir / "chat_templates" / "qwen2-instruct.jinja").read_text())
         assert qwen2.render(messages=messages, add_generation_prompt=add_generation_prompt) == expected
 
 
@@ -167,6 +166,17 @@ def test_gated_evaluation_passes_on_the_published_model(chat_model, tokenizer, d
     assert build_record(demo_models["chat"])["metrics"]["accuracy"].keys() == score.accuracy.keys()
 
 
+def test_gate_refuses_a_model_below_it():
+    from stoker.demo.evaluate import Score, check_gate
+
+    case = tasks.echo_cases(1)[0]
+    score = Score({"echo": 0.9, "facts": 1.0}, {"echo": 10, "facts": 10}, [(case, "wrong words")])
+    check_gate(score, 0.9, "a model")  # at the gate: fine
+    with pytest.raises(DemoBuildError, match=r"a model failed its accuracy gate \(95%\): echo 90.0%") as error:
+        check_gate(score, 0.95, "a model")
+    assert f"wanted {case.answer!r}, got 'wrong words'" in str(error.value)
+
+
 def test_answer_for_known_questions():
     assert tasks.answer_for("Who are you?") == tasks.IDENTITY_ANSWER
     assert tasks.answer_for("Who are you?", identity=tasks.ADAPTER_IDENTITY_ANSWER) == tasks.ADAPTER_IDENTITY_ANSWER
@@ -179,11 +189,8 @@ def test_answer_for_known_questions():
 def test_echo_cases_are_held_out_of_training():
     from stoker.demo.corpus import conversations
 
-    trained = {
-        m["content"]
-        for c in conversations(2000, seed="chat-0", identity="", task_weights={"echo": 1.0}, system_rate=0, turn_weights=(1,))
-        for m in c
-    }
+    sample = conversations(2000, seed="chat-0", identity="", task_weights={"echo": 1}, system_rate=0, turn_weights=(1,))
+    trained = {m["content"] for c in sample for m in c}
     heldout = {c.messages[-1]["content"] for c in tasks.echo_cases(200)}
     assert len(heldout) > 150 and not trained & heldout
     assert all(tasks.is_heldout_echo(c.answer.split()) for c in tasks.echo_cases(50, seed=3))

@@ -62,6 +62,16 @@ def random_llama():
     return make_random_llama()
 
 
+@pytest.fixture(scope="module")
+def endless_llama():
+    """The random Llama with its end-of-sequence row zeroed: greedy never picks it (some other logit is positive),
+    so a long request keeps its slot for as long as a slot test needs. (The plain one ends after 9 tokens.)"""
+    model = make_random_llama()
+    with torch.no_grad():
+        model.lm_head.weight[2] = 0.0
+    return model
+
+
 @pytest.fixture(scope="module", params=["stories", "random_llama"])
 def model(request: pytest.FixtureRequest):
     return request.getfixturevalue(request.param)
@@ -344,8 +354,8 @@ def test_logprobs_are_log_softmax_of_the_model_logits(engine: HFEngine, model, t
 # ---------------------------------------------------------------------------------------------- slots and queue
 
 
-def test_abort_frees_the_slot(random_llama, tokenizer) -> None:
-    eng = HFEngine(random_llama, tokenizer, max_num_seqs=1)
+def test_abort_frees_the_slot(endless_llama, tokenizer) -> None:
+    eng = HFEngine(endless_llama, tokenizer, max_num_seqs=1)
     prompt = prompts(tokenizer, 2)[1]
     try:
         async def main() -> None:
@@ -384,8 +394,8 @@ def test_abort_frees_the_slot(random_llama, tokenizer) -> None:
         eng.close()
 
 
-def test_full_queue_raises_overloaded(random_llama, tokenizer) -> None:
-    eng = HFEngine(random_llama, tokenizer, max_num_seqs=1, max_queue=2)
+def test_full_queue_raises_overloaded(endless_llama, tokenizer) -> None:
+    eng = HFEngine(endless_llama, tokenizer, max_num_seqs=1, max_queue=2)
     prompt = prompts(tokenizer, 2)[1]
     try:
         async def main() -> None:

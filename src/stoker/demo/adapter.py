@@ -55,7 +55,8 @@ def build_adapter(out: Path, recipe: AdapterRecipe, chat: Path) -> dict[str, Any
             seed=recipe.seed,
             name="adapter",
         )
-        score = evaluate(model, tokenizer, tasks.evaluation_cases(identity=tasks.ADAPTER_IDENTITY_ANSWER, echo=recipe.eval_echo_cases))
+        cases = tasks.evaluation_cases(identity=tasks.ADAPTER_IDENTITY_ANSWER, echo=recipe.eval_echo_cases)
+        score = evaluate(model, tokenizer, cases)
         with model.disable_adapter():
             # The adapter must not leak into the base weights: off, the model is still Stoker.
             base_score = evaluate(model, tokenizer, tasks.evaluation_cases(echo=0))

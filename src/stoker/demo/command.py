@@ -20,8 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="stoker demo",
         description="Build Stoker's tiny demo models (once, a few minutes on CPU) and print their folders.",
     )
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"models to build (default: all of {', '.join(DEMO_MODELS)})")
-    parser.add_argument("--dir", type=Path, default=None, help=f"cache folder (default: ${ENV_DIR} or ~/.cache/stoker/demo)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"models to build (default: all of {', '.join(DEMO_MODELS)})"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help=f"cache folder (default: ${ENV_DIR} or ~/.cache/stoker/demo)"
+    )
     args = parser.parse_args(argv)
     _log_to_stderr()
     try:

@@ -16,10 +16,10 @@ class ChatRecipe:
     # Tokenizer and model shape. Head size 64 (256 / 4) is what real vLLM's CPU attention accepts.
     vocab_size: int = 1024
     hidden_size: int = 256
-    intermediate_size: int = 512
+    intermediate_size: int = 384  # 512 and 768 learnt no better
     num_layers: int = 3
     num_heads: int = 4
-    num_kv_heads: int = 4
+    num_kv_heads: int = 4  # 2 (grouped-query) measured slightly worse on echo in context (98% vs 100%)
     max_positions: int = 512
     # Data and optimisation.
     conversations: int = 28_800  # steps * batch_size: every conversation is seen once

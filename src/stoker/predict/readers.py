@@ -211,8 +211,9 @@ def _read_hf_hub(spec: DatasetSpec, *, limit: int | None, cache_dir: str | None,
         import datasets
     except ImportError as exc:
         raise DataError(
-            f"dataset {spec.name!r} comes from the Hugging Face hub; reading it needs the `datasets` package "
-            "(`pip install datasets`)."
+            f"dataset {spec.name!r} comes from the Hugging Face hub ({spec.location}); reading it needs the "
+            f"`datasets` package (`pip install datasets`). {fix}",
+            param="eval_dataset",
         ) from exc
     try:
         ds = datasets.load_dataset(
