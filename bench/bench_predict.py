@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved; the best counts")
     parser.add_argument("--skip-one-by-one", action="store_true", help="leave out the slowest baseline")
+    parser.add_argument("--model", default="demo:chat",
+                        help="model folder (default demo:chat); 'stories' for ../shared's stories260K, template empty")
     args = parser.parse_args()
 
     import torch
@@ -51,9 +53,13 @@ def main() -> None:
     from stoker.predict.writer import PartWriter
     from stoker.runtime import open_chat_service
 
-    model_dir = ensure_demo_models()["chat"]
+    model_keys: dict[str, str] = {"model_name_or_path": str(ensure_demo_models(names=["chat"])["chat"])}
+    if args.model == "stories":
+        model_keys = {"model_name_or_path": str(SHARED / "models" / "stories260K" / "hf"), "template": "empty"}
+    elif args.model != "demo:chat":
+        model_keys = {"model_name_or_path": args.model}
     settings = load_settings(None, {
-        "model_name_or_path": str(model_dir), "max_new_tokens": args.new_tokens, "do_sample": False,
+        **model_keys, "max_new_tokens": args.new_tokens, "do_sample": False,
         "per_device_eval_batch_size": args.batch_size,
     })  # fmt: skip
     data = load_datasets(["alpaca_en_demo"], SHARED / "data" / "llamafactory", max_samples=args.rows)
@@ -130,7 +136,7 @@ def main() -> None:
                         "rows_equal_to_reference": sum(a == b for a, b in zip(outputs, reference))}  # fmt: skip
     print(json.dumps({
         "bench": "predict",
-        "model": "demo:chat",
+        "model": args.model,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "rows": len(rows),
         "new_tokens": args.new_tokens,

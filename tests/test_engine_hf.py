@@ -272,6 +272,15 @@ def test_bad_requests_are_request_errors(engine: HFEngine, tokenizer) -> None:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
+def test_a_vanishing_temperature_decodes_greedily(engine: HFEngine, tokenizer) -> None:
+    # Dividing logits by 1e-300 overflows to inf and breaks torch.multinomial; below 1e-5 the engine is greedy.
+    prompt = prompts(tokenizer, 4)[3]
+    greedy = engine.generate_batch([GenerationRequest(prompt, SamplingParams(20))])[0].choices[0].token_ids
+    for temperature in (1e-300, 9e-6):
+        request = GenerationRequest(prompt, SamplingParams(20, temperature=temperature, seed=7))
+        assert engine.generate_batch([request])[0].choices[0].token_ids == greedy
+
+
 def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: HFEngine, tokenizer) -> None:
     ps = prompts(tokenizer, 8)
     params = dict(temperature=1.0, top_p=0.9, top_k=50)

@@ -81,7 +81,6 @@ def test_resume_skips_done_rows_and_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def test_killed_run_resumes_with_no_row_lost_or_duplicated(tmp_path: Path) -> None:
-    order = [("alpaca", i) for i in range(400)]
     script = f"""
 import sys, time
 from stoker.predict.writer import PredictionStore

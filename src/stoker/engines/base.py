@@ -16,13 +16,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import math
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stoker.errors import NotFoundError, RequestError
+
 FinishReason = Literal["stop", "length"]
+MIN_TEMPERATURE = 1e-5
 
 _request_counter = itertools.count()
 
@@ -51,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below MIN_TEMPERATURE sampling is greedy (as in vLLM): dividing logits by a tinier one overflows to inf.
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
@@ -129,6 +134,59 @@ def collect(deltas: Sequence[Delta] | Iterator[Delta], request_id: str, n: int) 
         prompt_tokens = d.prompt_tokens or prompt_tokens
     choices = [Choice(i, "".join(texts[i]), ids[i], reasons[i], lps[i]) for i in range(n)]
     return Completion(request_id, choices, prompt_tokens)
+
+
+def validate_params(p: SamplingParams, where: str) -> None:
+    def bad(param: str, allowed: str, value: Any) -> RequestError:
+        return RequestError(f"invalid {param}={value!r} in {where}: {allowed}.", param=param)
+
+    if not isinstance(p.n, int) or p.n < 1:
+        raise bad("n", "must be an integer >= 1", p.n)
+    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
+        raise bad("max_new_tokens", "must be an integer >= 1", p.max_new_tokens)
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise bad("temperature", "must be >= 0 (0 means greedy)", p.temperature)
+    if not 0 < p.top_p <= 1:
+        raise bad("top_p", "must be in (0, 1]", p.top_p)
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        raise bad("top_k", "must be an integer >= 0 (0 disables it)", p.top_k)
+    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
+        raise bad("repetition_penalty", "must be > 0 (1 disables it)", p.repetition_penalty)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not math.isfinite(value):
+            raise bad(name, "must be a finite number (0 disables it)", value)
+    if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
+        raise bad("logprobs", "must be an integer >= 0, or None for no logprobs", p.logprobs)
+    if any(not isinstance(s, str) for s in p.stop):
+        raise bad("stop", "must be a list of strings", p.stop)
+    if any(not isinstance(t, int) for t in p.stop_token_ids):
+        raise bad("stop_token_ids", "must be a list of integers", p.stop_token_ids)
+
+
+def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max_model_len: int,
+                 vision: bool) -> list[int]:
+    """The checks every backend makes before queueing a request; returns the prompt ids as a list."""
+    prompt = list(request.prompt_ids)
+    if not prompt:
+        raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt):
+        raise RequestError(f"{where} has prompt token ids outside the vocabulary [0, {vocab_size}).", param="prompt")
+    if len(prompt) >= max_model_len:
+        raise RequestError(
+            f"{where} has a prompt of {len(prompt)} tokens, but the context holds {max_model_len} "
+            f"(max_model_len) including at least one generated token: shorten the prompt.",
+            param="messages", code="context_length_exceeded")
+    validate_params(request.params, where)
+    if request.media and not vision:
+        raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+    return prompt
+
+
+def unknown_adapter(name: str, loaded: Sequence[str]) -> NotFoundError:
+    names = ", ".join(loaded) or "none"
+    return NotFoundError(f"unknown adapter {name!r} (loaded adapters: {names}); pick one of them or none.",
+                         param="model")
 
 
 @dataclass

@@ -3,45 +3,39 @@
 One step thread owns the model. Each loop iteration it (1) drops aborted rows, (2) admits waiting requests within
 the budgets (``max_num_seqs`` rows, ``max_batch_tokens`` of prompt + max_new_tokens) and prefills them together,
 merging their KV rows into the running batch (``kv_batch.PaddedKVBatch``), and (3) runs one decode step for every
-running row. A row that finishes leaves the batch in the same iteration. Deltas go back to each caller through a
-sink: ``stream`` hands them to the caller's event loop with ``call_soon_threadsafe``; ``generate_batch`` collects
-them in place.
+running row. A row that finishes leaves the batch in the same iteration. Deltas go back to each caller through the
+request's sink (``engines.threaded``).
 
 A request with ``n`` choices is prefilled once; its KV rows are copied ``n`` times.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 import logging
-import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from stoker.engines.base import (
-    Completion,
     Delta,
-    Engine,
     EngineInfo,
-    FinishReason,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
-    collect,
+    check_prompt,
+    unknown_adapter,
 )
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
+from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
-from stoker.errors import NotFoundError, OverloadedError, RequestError, StokerError
+from stoker.engines.threaded import PreparedRequest, ThreadedEngine
+from stoker.errors import OverloadedError, RequestError, StokerError
 
 logger = logging.getLogger("stoker")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-Sink = Callable[[list[Delta] | BaseException], None]
 
 
 @dataclass(eq=False)
@@ -49,29 +43,17 @@ class _Choice:
     """One generated sequence: a row of the running batch."""
 
     request: _Request
-    index: int
     sampler: Any  # sampling.RowSampler
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    output_ids: list[int] = field(default_factory=list)
-    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (their text is held back)
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: FinishReason | None = None
+    out: ChoiceOutput
 
 
 @dataclass(eq=False)
-class _Request:
-    uid: int
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+class _Request(PreparedRequest):
     adapter: str  # peft adapter name, or BASE_ADAPTER
     max_new: int  # max_new_tokens clipped to the context
     stop_ids: frozenset[int]
-    sink: Sink | None = None
     choices: list[_Choice] = field(default_factory=list)
     open_choices: int = 0
-    aborted: bool = False
     media: dict[str, Any] | None = None  # vision inputs (stoker.media.prepare_images), dropped after prefill
 
     @property
@@ -83,7 +65,7 @@ class _Request:
         return self.params.n * self.row_cost
 
 
-class HFEngine(Engine):
+class HFEngine(ThreadedEngine):
     """Continuous batching for a loaded ``transformers`` causal LM (optionally a peft model with LoRA adapters).
 
     - ``max_num_seqs``: rows (choices) decoded together.
@@ -156,72 +138,6 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ public API
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
-        req = self._prepare(request)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
-
-        def sink(item: list[Delta] | BaseException) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-        req.sink = sink
-        self._submit([req], bounded=True)
-        open_choices = req.params.n
-        try:
-            while open_choices:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    open_choices = 0
-                    raise item
-                for delta in item:
-                    if delta.finish_reason is not None:
-                        open_choices -= 1
-                    yield delta
-        finally:
-            if open_choices:
-                self._cancel(req)
-
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        prepared = [self._prepare(r, position=i) for i, r in enumerate(requests)]
-        if not prepared:
-            return []
-        deltas: list[list[Delta]] = [[] for _ in prepared]
-        unfinished = [r.params.n for r in prepared]
-        remaining = [len(prepared)]
-        errors: list[BaseException] = []
-        done = threading.Event()
-
-        def make_sink(i: int) -> Sink:
-            def sink(item: list[Delta] | BaseException) -> None:
-                if isinstance(item, BaseException):
-                    errors.append(item)
-                    done.set()
-                    return
-                deltas[i].extend(item)
-                finished = sum(d.finish_reason is not None for d in item)
-                if finished:
-                    unfinished[i] -= finished
-                    if unfinished[i] == 0:
-                        remaining[0] -= 1
-                        if remaining[0] == 0:
-                            done.set()
-
-            return sink
-
-        for i, req in enumerate(prepared):
-            req.sink = make_sink(i)
-        self._submit(prepared, bounded=False)
-        try:
-            while not done.wait(0.5):
-                pass
-        finally:
-            if not done.is_set() or errors:  # interrupted (Ctrl-C) or failed: free every slot
-                for req in prepared:
-                    self._cancel(req)
-        if errors:
-            raise errors[0]
-        return [collect(d, r.request_id, r.params.n) for d, r in zip(deltas, prepared)]
-
     async def abort(self, request_id: str) -> None:
         with self._cond:
             matches = [r for r in (*self._waiting, *self._active.values()) if r.request_id == request_id]
@@ -271,20 +187,8 @@ class HFEngine(Engine):
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
         where = f"request {position} ({request.request_id})" if position is not None else "the request"
         p = request.params
-        prompt = list(request.prompt_ids)
-        if not prompt:
-            raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
-            raise RequestError(
-                f"{where} has prompt token ids outside the vocabulary [0, {self.vocab_size}).", param="prompt")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                f"{where} has a prompt of {len(prompt)} tokens, but the context holds {self.max_model_len} "
-                f"(max_model_len) including at least one generated token: shorten the prompt.",
-                param="messages", code="context_length_exceeded")
-        _validate_params(p, where)
-        if request.media and not self.info.vision:
-            raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+        prompt = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                              vision=self.info.vision)
         if self.info.vision:
             from stoker.media import check_prompt_images
 
@@ -292,10 +196,7 @@ class HFEngine(Engine):
         adapter = BASE_ADAPTER
         if request.adapter is not None:
             if request.adapter not in self._adapters:
-                loaded = ", ".join(self._adapters) or "none"
-                raise NotFoundError(
-                    f"unknown adapter {request.adapter!r} (loaded adapters: {loaded}); pick one of them or none.",
-                    param="model")
+                raise unknown_adapter(request.adapter, self._adapters)
             adapter = request.adapter
         max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
         stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
@@ -395,7 +296,9 @@ class HFEngine(Engine):
             seed = None if p.seed is None else p.seed + i
             sampler = RowSampler(p, req.prompt_ids, self._logits_width, self.device, seed)
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens)
-            choices.append(_Choice(req, i, sampler, detok, StopStringMatcher(p.stop)))
+            out = ChoiceOutput(i, len(req.prompt_ids), req.max_new, req.stop_ids, detok, StopStringMatcher(p.stop),
+                               with_logprobs=p.logprobs is not None)
+            choices.append(_Choice(req, sampler, out))
         req.choices = choices
         return choices
 
@@ -485,7 +388,7 @@ class HFEngine(Engine):
             delta = self._advance(choice, token, sampled.logprobs[i])
             if delta is not None:
                 out.setdefault(req.uid, (req, []))[1].append(delta)
-            if choice.finish is None:
+            if choice.out.finish is None:
                 keep.append(i)
             else:
                 self._release(choice)
@@ -496,47 +399,13 @@ class HFEngine(Engine):
 
     def _advance(self, choice: _Choice, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
                  ) -> Delta | None:
-        """Take one generated token: update text, stops and finish state; return a delta when there is news."""
-        req = choice.request
-        choice.output_ids.append(token)
-        choice.pending_ids.append(token)
+        """Take one generated token; return a delta when there is news."""
+        token_logprob = None
         if logprob is not None:
             text_of = self._token_texts
             top = [(tid, text_of(tid), lp) for tid, lp in logprob[1]]
-            choice.pending_logprobs.append(TokenLogprob(token, text_of(token), logprob[0], top))
-        finish: FinishReason | None = None
-        if token in req.stop_ids:
-            # The stop token ends the choice; its own text is never emitted (it is still counted and returned).
-            finish = "stop"
-            text, stopped = choice.stops.push(choice.detok.flush())
-            if not stopped:
-                text += choice.stops.flush()
-        else:
-            text, stopped = choice.stops.push(choice.detok.push([token]))
-            if stopped:
-                finish = "stop"
-            elif len(choice.output_ids) >= req.max_new:
-                finish = "length"
-                tail, stopped = choice.stops.push(choice.detok.flush())
-                text += tail
-                if stopped:
-                    finish = "stop"
-                else:
-                    text += choice.stops.flush()
-        choice.finish = finish
-        if finish is None and not text:
-            return None
-        delta = Delta(
-            index=choice.index,
-            text=text,
-            token_ids=choice.pending_ids,
-            logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
-            finish_reason=finish,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(choice.output_ids) if finish else 0,
-        )
-        choice.pending_ids, choice.pending_logprobs = [], []
-        return delta
+            token_logprob = TokenLogprob(token, text_of(token), logprob[0], top)
+        return choice.out.push(token, token_logprob)
 
     def _send(self, req: _Request, item: list[Delta] | BaseException) -> None:
         if req.sink is None:
@@ -579,34 +448,6 @@ class HFEngine(Engine):
                     notify.append(req)
         for req in notify:
             self._send(req, error)
-
-
-def _validate_params(p: SamplingParams, where: str) -> None:
-    def bad(param: str, allowed: str, value: Any) -> RequestError:
-        return RequestError(f"invalid {param}={value!r} in {where}: {allowed}.", param=param)
-
-    if not isinstance(p.n, int) or p.n < 1:
-        raise bad("n", "must be an integer >= 1", p.n)
-    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-        raise bad("max_new_tokens", "must be an integer >= 1", p.max_new_tokens)
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise bad("temperature", "must be >= 0 (0 means greedy)", p.temperature)
-    if not 0 < p.top_p <= 1:
-        raise bad("top_p", "must be in (0, 1]", p.top_p)
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        raise bad("top_k", "must be an integer >= 0 (0 disables it)", p.top_k)
-    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
-        raise bad("repetition_penalty", "must be > 0 (1 disables it)", p.repetition_penalty)
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(p, name)
-        if not math.isfinite(value):
-            raise bad(name, "must be a finite number (0 disables it)", value)
-    if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
-        raise bad("logprobs", "must be an integer >= 0, or None for no logprobs", p.logprobs)
-    if any(not isinstance(s, str) for s in p.stop):
-        raise bad("stop", "must be a list of strings", p.stop)
-    if any(not isinstance(t, int) for t in p.stop_token_ids):
-        raise bad("stop_token_ids", "must be a list of integers", p.stop_token_ids)
 
 
 def _prefill_groups(requests: list[_Request], max_tokens: int) -> list[list[_Request]]:

@@ -75,8 +75,6 @@ def _growing_layer_class() -> type:
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            import torch
-
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             new = key_states.shape[-2]

@@ -20,39 +20,27 @@ string can be aborted alone, and seeded sampling matches the huggingface engine'
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import importlib.util
 import itertools
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stoker.config import Settings
-from stoker.engines.base import (
-    Completion,
-    Delta,
-    Engine,
-    EngineInfo,
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-    collect,
-)
+from stoker.engines.base import Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, unknown_adapter
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
-from stoker.engines.hf import _validate_params as validate_params
+from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
+from stoker.engines.threaded import PreparedRequest, ThreadedEngine
 from stoker.engines.vllm_args import INSTALL_HINT, engine_kwargs, eos_token_ids, read_model_facts
-from stoker.errors import ConfigError, ModelLoadError, NotFoundError, OverloadedError, RequestError, StokerError
+from stoker.errors import ConfigError, ModelLoadError, OverloadedError, RequestError, StokerError
 
 logger = logging.getLogger("stoker")
-
-Sink = Callable[[list[Delta] | BaseException], None]
 
 # In-process vLLM engines share this process's torch.distributed groups: only the last one to close may tear them down.
 _inprocess_lock = threading.Lock()
@@ -175,34 +163,22 @@ def _load_processor(path: Path, settings: Settings, model_type: str | None) -> A
 
 @dataclass(eq=False)
 class _Choice:
-    index: int
     vllm_id: str
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    output_ids: list[int] = field(default_factory=list)
-    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (their text is held back)
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: FinishReason | None = None
+    out: ChoiceOutput
     live: bool = False  # known to vLLM and not finished there
 
 
 @dataclass(eq=False)
-class _Request:
-    uid: int
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+class _Request(PreparedRequest):
     lora: Any  # vllm LoRARequest or None
     max_new: int
     stop_ids: list[int]
     media: dict[str, Any] | None
-    sink: Sink | None = None
     choices: list[_Choice] = field(default_factory=list)
     open_choices: int = 0
-    aborted: bool = False
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(ThreadedEngine):
     """Stoker's Engine over a vLLM ``LLMEngine`` driven by one background thread.
 
     - ``engine_kwargs``: ``vllm.EngineArgs`` keywords (see ``vllm_args.engine_kwargs``).
@@ -280,73 +256,6 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ public API
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
-        req = self._prepare(request)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
-
-        def sink(item: list[Delta] | BaseException) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-        req.sink = sink
-        self._submit([req], bounded=True)
-        open_choices = req.params.n
-        try:
-            while open_choices:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    open_choices = 0
-                    raise item
-                for delta in item:
-                    if delta.finish_reason is not None:
-                        open_choices -= 1
-                    yield delta
-        finally:
-            if open_choices:
-                self._cancel(req)
-
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        prepared = [self._prepare(r, position=i) for i, r in enumerate(requests)]
-        if not prepared:
-            return []
-        deltas: list[list[Delta]] = [[] for _ in prepared]
-        unfinished = [r.params.n for r in prepared]
-        remaining = [len(prepared)]
-        errors: list[BaseException] = []
-        done = threading.Event()
-
-        def make_sink(i: int) -> Sink:
-            # Runs on the driver thread.
-            def sink(item: list[Delta] | BaseException) -> None:
-                if isinstance(item, BaseException):
-                    errors.append(item)
-                    done.set()
-                    return
-                deltas[i].extend(item)
-                finished = sum(d.finish_reason is not None for d in item)
-                if finished:
-                    unfinished[i] -= finished
-                    if unfinished[i] == 0:
-                        remaining[0] -= 1
-                        if remaining[0] == 0:
-                            done.set()
-
-            return sink
-
-        for i, req in enumerate(prepared):
-            req.sink = make_sink(i)
-        self._submit(prepared, bounded=False)
-        try:
-            while not done.wait(0.5):
-                pass
-        finally:
-            if not done.is_set() or errors:  # interrupted (Ctrl-C) or failed: free every slot
-                for req in prepared:
-                    self._cancel(req)
-        if errors:
-            raise errors[0]
-        return [collect(d, r.request_id, r.params.n) for d, r in zip(deltas, prepared)]
-
     async def abort(self, request_id: str) -> None:
         with self._cond:
             matches = [r for r in self._requests.values() if r.request_id == request_id and not r.aborted]
@@ -413,39 +322,22 @@ class VLLMEngine(Engine):
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
         where = f"request {position} ({request.request_id})" if position is not None else "the request"
         p = request.params
-        prompt = list(request.prompt_ids)
-        if not prompt:
-            raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
-            raise RequestError(
-                f"{where} has prompt token ids outside the vocabulary [0, {self.vocab_size}).", param="prompt")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                f"{where} has a prompt of {len(prompt)} tokens, but the context holds {self.max_model_len} "
-                f"(max_model_len) including at least one generated token: shorten the prompt.",
-                param="messages", code="context_length_exceeded")
-        validate_params(p, where)
-        if request.media and not self._vision:
-            raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
+        prompt = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                              vision=self._vision)
         lora = self._default_lora
         if request.adapter is not None:
             lora = self._loras.get(request.adapter)
             if lora is None:
-                loaded = ", ".join(self._loras) or "none"
-                raise NotFoundError(
-                    f"unknown adapter {request.adapter!r} (loaded adapters: {loaded}); pick one of them or none.",
-                    param="model")
+                raise unknown_adapter(request.adapter, list(self._loras))
         max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
         stop_ids = sorted({*self._eos_ids, *p.stop_token_ids})
         uid = next(self._uids)
         req = _Request(uid, request.request_id, prompt, p, lora, max_new, stop_ids, request.media)
         req.choices = [
-            _Choice(
-                i,
-                f"stoker-{uid}-{i}",
+            _Choice(f"stoker-{uid}-{i}", ChoiceOutput(
+                i, len(prompt), max_new, stop_ids,
                 IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=p.skip_special_tokens),
-                StopStringMatcher(p.stop),
-            )
+                StopStringMatcher(p.stop), with_logprobs=p.logprobs is not None))
             for i in range(p.n)
         ]
         req.open_choices = p.n
@@ -522,7 +414,7 @@ class VLLMEngine(Engine):
                     repetition_penalty=p.repetition_penalty,
                     presence_penalty=p.presence_penalty,
                     frequency_penalty=p.frequency_penalty,
-                    seed=None if p.seed is None or p.greedy else p.seed + choice.index,
+                    seed=None if p.seed is None or p.greedy else p.seed + choice.out.index,
                     max_tokens=req.max_new,
                     stop_token_ids=req.stop_ids,
                     ignore_eos=True,  # eos is in stop_token_ids: vLLM stops on exactly those ids
@@ -570,16 +462,18 @@ class VLLMEngine(Engine):
             logprobs = completion.logprobs
             for j, token in enumerate(completion.token_ids):
                 lp = logprobs[j] if logprobs is not None and j < len(logprobs) else None
-                delta = self._advance(req, choice, int(token), lp)
+                k = req.params.logprobs
+                delta = choice.out.push(int(token), None if lp is None or k is None else self._token_logprob(
+                    int(token), lp, k))
                 if delta is not None:
                     deltas.append(delta)
-                if choice.finish is not None:
+                if choice.out.finish is not None:
                     break
             self._counters["generated_tokens_total"] += len(completion.token_ids)
-            if choice.finish is None and out.finished:
+            if choice.out.finish is None and out.finished:
                 # vLLM ended the choice on a rule of its own (e.g. its context limit); close it the same way.
-                deltas.append(self._close(req, choice, "stop" if completion.finish_reason == "stop" else "length"))
-            if choice.finish is not None:
+                deltas.append(choice.out.close("stop" if completion.finish_reason == "stop" else "length"))
+            if choice.out.finish is not None:
                 if not out.finished:
                     done.append(choice.vllm_id)  # a stop string: vLLM does not know it is over
                 choice.live = False
@@ -592,59 +486,6 @@ class VLLMEngine(Engine):
         for req, deltas in by_request.values():
             if deltas:
                 self._send(req, deltas)
-
-    def _advance(self, req: _Request, choice: _Choice, token: int, logprobs: Any) -> Delta | None:
-        """Take one generated token: update text, stops and finish state; return a delta when there is news.
-
-        The same rules as the huggingface engine's: a stop token ends the choice and is counted but never shown;
-        a stop string ends it at the token that completes it; text held back at the end is released.
-        """
-        choice.output_ids.append(token)
-        choice.pending_ids.append(token)
-        if logprobs is not None and req.params.logprobs is not None:
-            choice.pending_logprobs.append(self._token_logprob(token, logprobs, req.params.logprobs))
-        finish: FinishReason | None = None
-        if token in req.stop_ids:
-            finish = "stop"
-            text, stopped = choice.stops.push(choice.detok.flush())
-            if not stopped:
-                text += choice.stops.flush()
-        else:
-            text, stopped = choice.stops.push(choice.detok.push([token]))
-            if stopped:
-                finish = "stop"
-            elif len(choice.output_ids) >= req.max_new:
-                finish = "length"
-                tail, stopped = choice.stops.push(choice.detok.flush())
-                text += tail
-                if stopped:
-                    finish = "stop"
-                else:
-                    text += choice.stops.flush()
-        choice.finish = finish
-        if finish is None and not text:
-            return None
-        return self._delta(req, choice, text)
-
-    def _close(self, req: _Request, choice: _Choice, finish: FinishReason) -> Delta:
-        text, stopped = choice.stops.push(choice.detok.flush())
-        if not stopped:
-            text += choice.stops.flush()
-        choice.finish = finish
-        return self._delta(req, choice, text)
-
-    def _delta(self, req: _Request, choice: _Choice, text: str) -> Delta:
-        delta = Delta(
-            index=choice.index,
-            text=text,
-            token_ids=choice.pending_ids,
-            logprobs=choice.pending_logprobs if req.params.logprobs is not None else None,
-            finish_reason=choice.finish,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(choice.output_ids) if choice.finish else 0,
-        )
-        choice.pending_ids, choice.pending_logprobs = [], []
-        return delta
 
     def _token_logprob(self, token: int, entry: Any, k: int) -> TokenLogprob:
         """vLLM's per-position {token id: Logprob(logprob, rank)} -> chosen token plus its top-k, best first."""

@@ -176,7 +176,6 @@ def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
     ``merge``: fold the adapters into the weights (fast, fixed) or keep them as named peft adapters that a request
     can select. Default: ``settings.merge_adapters``.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(settings.model_name_or_path, settings=settings)

@@ -10,17 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
 from stoker.engines.detokenize import decode
 from stoker.errors import RequestError, StokerError
 from stoker.server.errors import sse_error
 from stoker.server.protocol import (
-    CLIENT_CLOSED,
     LOGPROB_FLOOR,
     SSE_DONE,
-    SSE_HEADERS,
     ChatCompletionRequest,
     NamedToolChoice,
     chat_chunk,
@@ -39,7 +37,7 @@ from stoker.server.replies import (
     tool_call_dicts,
 )
 from stoker.server.state import ServerState
-from stoker.server.streams import admitted_stream, until_disconnected
+from stoker.server.streams import respond
 
 logger = logging.getLogger("stoker")
 
@@ -62,20 +60,11 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     started = time.perf_counter()
     request_id = "chatcmpl-" + http.state.request_id
     plan = plan_chat(state, body, request_id)
-    present, stream = await until_disconnected(http, admitted_stream(state.service.engine, plan.request))
-    if not present or stream is None:
-        state.metrics.aborted += 1
-        return Response(status_code=CLIENT_CLOSED)
-    state.metrics.first_token(time.perf_counter() - started)
-    if body.stream:
-        events = chat_events(state, plan, stream, request_id, body.model)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    present, result = await until_disconnected(http, chat_result(state, plan, stream, request_id, body.model))
-    if not present:
-        await stream.aclose()  # type: ignore[attr-defined]
-        state.metrics.aborted += 1
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(result)
+    return await respond(
+        http, state.metrics, state.service.engine, [plan.request], started=started, stream=body.stream,
+        events=lambda streams: chat_events(state, plan, streams[0], request_id, body.model),
+        result=lambda streams: chat_result(state, plan, streams[0], request_id, body.model),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

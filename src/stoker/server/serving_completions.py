@@ -15,24 +15,22 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
 from stoker.engines.detokenize import decode
 from stoker.errors import RequestError, StokerError
 from stoker.server.errors import sse_error
 from stoker.server.protocol import (
-    CLIENT_CLOSED,
     LOGPROB_FLOOR,
     SSE_DONE,
-    SSE_HEADERS,
     CompletionRequest,
     completion_chunk,
     sse,
     usage,
 )
 from stoker.server.state import ServerState
-from stoker.server.streams import admitted_streams, merge, until_disconnected
+from stoker.server.streams import merge, respond
 
 logger = logging.getLogger("stoker")
 
@@ -50,21 +48,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, http: R
     started = time.perf_counter()
     request_id = "cmpl-" + http.state.request_id
     plan = plan_completion(state, body, request_id)
-    present, streams = await until_disconnected(http, admitted_streams(state.service.engine, plan.requests))
-    if not present or streams is None:
-        state.metrics.aborted += 1
-        return Response(status_code=CLIENT_CLOSED)
-    state.metrics.first_token(time.perf_counter() - started)
-    if body.stream:
-        events = completion_events(state, plan, streams, request_id, body.model)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    present, result = await until_disconnected(http, completion_result(state, plan, streams, request_id, body.model))
-    if not present:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
-        state.metrics.aborted += 1
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(result)
+    return await respond(
+        http, state.metrics, state.service.engine, plan.requests, started=started, stream=body.stream,
+        events=lambda streams: completion_events(state, plan, streams, request_id, body.model),
+        result=lambda streams: completion_result(state, plan, streams, request_id, body.model),
+    )
 
 
 def plan_completion(state: ServerState, body: CompletionRequest, request_id: str) -> CompletionPlan:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stoker.engines.base import SamplingParams
+from stoker.engines.base import MIN_TEMPERATURE, SamplingParams
 from stoker.errors import NotFoundError, RequestError
 from stoker.server.metrics import ServerMetrics
 from stoker.server.protocol import ModelCard
@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from stoker.chat import ChatService
     from stoker.config import Settings
     from stoker.server.protocol import SamplingFields
-
-
-# Below this temperature sampling is greedy (as in vLLM): dividing logits by a tinier one overflows to inf.
-MIN_TEMPERATURE = 1e-5
 
 
 def _greedy(body: SamplingFields) -> bool:

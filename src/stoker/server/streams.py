@@ -9,14 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from stoker.engines.base import Delta, Engine, GenerationRequest
+from stoker.server.metrics import ServerMetrics
+from stoker.server.protocol import CLIENT_CLOSED, SSE_HEADERS
 
 T = TypeVar("T")
+
+
+Streams = list[AsyncIterator[Delta]]
+
+
+async def respond(
+    http: Request,
+    metrics: ServerMetrics,
+    engine: Engine,
+    requests: Sequence[GenerationRequest],
+    *,
+    started: float,
+    stream: bool,
+    events: Callable[[Streams], AsyncIterator[str]],
+    result: Callable[[Streams], Awaitable[dict[str, Any]]],
+) -> Response:
+    """The shape every generation route shares: admit the requests (an error here is an HTTP status), then answer
+    as server-sent ``events`` or as one JSON ``result``. A client that leaves first gets its slots freed."""
+    present, streams = await until_disconnected(http, admitted_streams(engine, requests))
+    if not present or streams is None:
+        metrics.aborted += 1
+        return Response(status_code=CLIENT_CLOSED)
+    metrics.first_token(time.perf_counter() - started)
+    if stream:
+        return StreamingResponse(events(streams), media_type="text/event-stream", headers=SSE_HEADERS)
+    present, body = await until_disconnected(http, result(streams))
+    if not present:
+        for s in streams:
+            await s.aclose()  # type: ignore[attr-defined]
+        metrics.aborted += 1
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(body)
 
 
 async def admitted_stream(engine: Engine, request: GenerationRequest) -> AsyncIterator[Delta]:

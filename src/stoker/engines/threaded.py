@@ -1,0 +1,115 @@
+"""What both backends share: requests run on one background thread and report back through a sink.
+
+A backend turns a ``GenerationRequest`` into its own prepared request (``_prepare``), hands prepared requests to
+its thread (``_submit``) and can cancel one from any thread (``_cancel``). Its thread calls the request's ``sink``
+with each list of new deltas, or with an exception that ends the request. On top of those three, this module
+builds the two ways in that ``Engine`` promises: an async ``stream`` and a blocking ``generate_batch``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stoker.engines.base import Completion, Delta, Engine, GenerationRequest, SamplingParams, collect
+
+Sink = Callable[[list[Delta] | BaseException], None]
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """The part of a backend's prepared request that this module needs."""
+
+    uid: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink | None = field(default=None, kw_only=True)
+    aborted: bool = field(default=False, kw_only=True)
+
+
+class ThreadedEngine(Engine):
+    """An engine whose requests run on a background thread; subclasses implement the three hooks below."""
+
+    @abc.abstractmethod
+    def _prepare(self, request: GenerationRequest, position: int | None = None) -> Any:
+        """Validate ``request`` (raising ``RequestError``) and return the backend's ``PreparedRequest``."""
+
+    @abc.abstractmethod
+    def _submit(self, requests: list[Any], *, bounded: bool) -> None:
+        """Queue prepared requests; ``bounded``: raise ``OverloadedError`` when the queue is full."""
+
+    @abc.abstractmethod
+    def _cancel(self, req: Any) -> None:
+        """Abort a prepared request from any thread and free its resources."""
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
+        req = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
+
+        def sink(item: list[Delta] | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        req.sink = sink
+        self._submit([req], bounded=True)
+        open_choices = req.params.n
+        try:
+            while open_choices:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    open_choices = 0
+                    raise item
+                for delta in item:
+                    if delta.finish_reason is not None:
+                        open_choices -= 1
+                    yield delta
+        finally:
+            if open_choices:  # the caller left early (disconnect, break, cancellation): free the slot now
+                self._cancel(req)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        prepared = [self._prepare(r, position=i) for i, r in enumerate(requests)]
+        if not prepared:
+            return []
+        deltas: list[list[Delta]] = [[] for _ in prepared]
+        unfinished = [r.params.n for r in prepared]
+        remaining = [len(prepared)]
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def make_sink(i: int) -> Sink:
+            # Runs on the engine's thread.
+            def sink(item: list[Delta] | BaseException) -> None:
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                    done.set()
+                    return
+                deltas[i].extend(item)
+                finished = sum(d.finish_reason is not None for d in item)
+                if finished:
+                    unfinished[i] -= finished
+                    if unfinished[i] == 0:
+                        remaining[0] -= 1
+                        if remaining[0] == 0:
+                            done.set()
+
+            return sink
+
+        for i, req in enumerate(prepared):
+            req.sink = make_sink(i)
+        self._submit(prepared, bounded=False)
+        try:
+            while not done.wait(0.5):  # a timed wait, so that Ctrl-C reaches this thread
+                pass
+        finally:
+            if not done.is_set() or errors:  # interrupted (Ctrl-C) or failed: free every slot
+                for req in prepared:
+                    self._cancel(req)
+        if errors:
+            raise errors[0]
+        return [collect(d, r.request_id, r.params.n) for d, r in zip(deltas, prepared)]
