@@ -59,6 +59,7 @@ class Settings:
     max_num_seqs: int = 64  # requests batched together
     max_batch_tokens: int = 65536  # prompt + new tokens of all running requests
     max_queue: int = 256  # waiting requests beyond this get HTTP 429
+    cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # oneDNN with prepacked weights on CPU (engines.cpu_linear)
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096
     vllm_gpu_util: float = 0.9

@@ -43,6 +43,7 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
             max_batch_tokens=settings.max_batch_tokens,
             max_queue=settings.max_queue,
             adapters=list(loaded.adapters) if not loaded.merged else None,
+            cpu_matmul=settings.cpu_matmul,
         )
         tokenizer, generation_config, processor = loaded.tokenizer, loaded.generation_config, loaded.processor
 

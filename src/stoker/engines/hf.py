@@ -11,6 +11,7 @@ A request with ``n`` choices is prefilled once; its KV rows are copied ``n`` tim
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -74,6 +75,8 @@ class HFEngine(ThreadedEngine):
     - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
     - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
     - ``max_prefill_tokens``: padded prompt tokens per prefill forward (several forwards when more join at once).
+    - ``cpu_matmul``: ``auto``, ``packed`` or ``stock``: whether a CPU model's linear layers run on oneDNN with
+      prepacked weights inside the engine (``engines.cpu_linear``).
 
     A request bigger than a budget on its own still runs, alone, when the batch is empty.
     """
@@ -89,6 +92,7 @@ class HFEngine(ThreadedEngine):
         max_model_len: int | None = None,
         adapters: list[str] | None = None,
         max_prefill_tokens: int = 8192,
+        cpu_matmul: str = "auto",
     ):
         import torch
 
@@ -118,6 +122,11 @@ class HFEngine(ThreadedEngine):
         self._eos_ids = _eos_ids(model, tokenizer)
         self._token_texts = TokenTexts(tokenizer)
         self._torch = torch
+        self._packed = None
+        if self.device.type == "cpu":
+            from stoker.engines.cpu_linear import PackedLinears
+
+            self._packed = PackedLinears.install(model, cpu_matmul)
 
         self._uids = itertools.count()
         self._cond = threading.Condition()
@@ -234,7 +243,8 @@ class HFEngine(ThreadedEngine):
 
     def _run(self) -> None:
         torch = self._torch
-        with torch.inference_mode():
+        packed = self._packed.active() if self._packed is not None else contextlib.nullcontext()
+        with torch.inference_mode(), packed:
             while True:
                 with self._cond:
                     while not (self._closed or self._waiting or self._rows or self._abort_uids):

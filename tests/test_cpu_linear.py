@@ -1,0 +1,66 @@
+"""oneDNN-packed linear layers: used only by the engine's thread, only for inputs of several rows, and close to MKL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stoker.engines.cpu_linear import PackedLinears, packed_kernels_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not packed_kernels_available(), reason="this torch build has no oneDNN linear")
+
+
+def two_layers() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False)).eval()
+
+
+def test_packed_only_inside_active_and_for_several_rows(monkeypatch) -> None:
+    model = two_layers()
+    reference = two_layers()  # the same seeded weights, never packed
+    packed = PackedLinears.install(model, "packed")
+    assert packed is not None and packed.layers == 2
+    calls: list[int] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+    rows = torch.randn(5, 64)
+    with torch.inference_mode():
+        # Outside active(): plain F.linear, bit for bit.
+        assert torch.equal(model(rows), reference(rows)) and not calls
+        with packed.active():
+            fast = model(rows)
+            one = model(rows[:1])  # a single row keeps the stock path
+        assert calls == [5, 5]
+        assert torch.equal(one, reference(rows[:1]))
+        torch.testing.assert_close(fast, reference(rows), rtol=1e-5, atol=1e-5)
+
+        # Another thread is outside the engine's scope even while this one is inside it.
+        seen: list[torch.Tensor] = []
+        with packed.active():
+            worker = threading.Thread(target=lambda: seen.append(model(rows)))
+            worker.start()
+            worker.join()
+        assert calls == [5, 5] and torch.equal(seen[0], reference(rows))
+
+
+def test_modes() -> None:
+    assert PackedLinears.install(two_layers(), "stock") is None
+    assert PackedLinears.install(two_layers().double(), "auto") is None  # float32 only
+    assert PackedLinears.install(two_layers(), "auto") is not None
+
+
+def test_bad_cpu_matmul_value_is_a_config_error() -> None:
+    from stoker.config import load_settings
+    from stoker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cpu_matmul") as err:
+        load_settings(None, {"cpu_matmul": "fast"})
+    assert "packed" in err.value.message and "stock" in err.value.message
