@@ -99,7 +99,13 @@ def main() -> None:
         return elapsed, stats.completion_tokens, [by_index[r.example.index] for r in rows]
 
     def texts(outputs: list[list[int]]) -> list[str]:
-        return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        """Each row's text as decoded after its prompt, as the engine's incremental detokenizer sees it (a
+        sentencepiece word piece decodes to " word" after a prompt, but to "word" alone)."""
+        def after_prompt(prompt: list[int], out: list[int]) -> str:
+            head = tokenizer.decode(prompt, skip_special_tokens=True)
+            return tokenizer.decode(prompt + out, skip_special_tokens=True)[len(head):]
+
+        return [after_prompt(p, o) for p, o in zip(prompts, outputs)]
 
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 

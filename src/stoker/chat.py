@@ -13,6 +13,7 @@ from typing import Any
 from stoker.config import Settings
 from stoker.engines.base import Delta, Engine, GenerationRequest, SamplingParams
 from stoker.errors import RequestError, TemplateError
+from stoker.media import IMAGE_PLACEHOLDER
 from stoker.templates.base import Message, ParsedReply, Template, Tool
 
 logger = logging.getLogger("stoker")
@@ -20,7 +21,6 @@ logger = logging.getLogger("stoker")
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer names for the same roles.
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 
 from stoker import __version__
 from stoker.errors import StokerError
+from stoker.logs import logger, setup_logging
 
 USAGE = f"""\
 stoker {__version__}: one YAML file drives chat, web chat, an OpenAI-compatible API and batch prediction.
@@ -29,15 +29,6 @@ key=value overrides come after the file and are typed as YAML (e.g. temperature=
 Docs: README.md and docs/ in the source tree.
 """
 
-logger = logging.getLogger("stoker")
-
-
-def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[stoker] %(levelname)s %(message)s" if debug else "[stoker] %(message)s"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:

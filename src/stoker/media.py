@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
-from stoker.chat import IMAGE_PLACEHOLDER  # what users and datasets write where an image goes
 from stoker.config import Settings
 from stoker.errors import MediaError
+
+IMAGE_PLACEHOLDER = "<image>"  # what users and datasets write where an image goes
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")  # PIL format names accepted; others are refused, not guessed at
 MAX_DECODE_PIXELS = 64_000_000  # a header claiming more is refused before decoding (decompression bombs)

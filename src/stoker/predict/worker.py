@@ -13,7 +13,7 @@ import sys
 
 
 def main() -> int:
-    from stoker.cli import setup_logging
+    from stoker.logs import setup_logging
     from stoker.errors import StokerError
     from stoker.predict.ranks import DEBUG_ENV, SETTINGS_ENV, settings_from_json
 
