@@ -51,6 +51,15 @@ def test_packed_only_inside_active_and_for_several_rows(monkeypatch) -> None:
         assert calls == [5, 5] and torch.equal(seen[0], reference(rows))
 
 
+def test_packing_twice_reuses_the_first_copies() -> None:
+    model = two_layers()
+    first = PackedLinears.install(model, "packed")
+    forwards = [m.forward for m in model if isinstance(m, torch.nn.Linear)]
+    second = PackedLinears.install(model, "packed")
+    assert first is not None and second is not None
+    assert [m.forward for m in model if isinstance(m, torch.nn.Linear)] == forwards
+
+
 def test_modes() -> None:
     assert PackedLinears.install(two_layers(), "stock") is None
     assert PackedLinears.install(two_layers().double(), "auto") is None  # float32 only

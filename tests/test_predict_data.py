@@ -136,8 +136,8 @@ def test_images_resolve_against_dataset_dir_and_match_placeholders(lf_data: Path
     assert ex.label == "They are celebrating on the soccer field."
     assert ex.images == [str((lf_data / "mllm_demo_data" / "1.jpg").resolve())] * 2
     video = load_dataset("mllm_video_audio_demo", lf_data).examples[0]
-    assert video.videos == [str(lf_data / "mllm_demo_data" / "4.mp4")]
-    assert video.audios == [str(lf_data / "mllm_demo_data" / "4.mp3")]
+    assert video.videos == [str((lf_data / "mllm_demo_data" / "4.mp4").resolve())]
+    assert video.audios == [str((lf_data / "mllm_demo_data" / "4.mp3").resolve())]
 
 
 def test_pretraining_text_has_no_label(lf_data: Path) -> None:
@@ -422,7 +422,7 @@ def test_image_count_must_match_placeholders_and_files_must_exist(tmp_path: Path
         "row 0: 2 images given but the conversation has 1 <image> placeholders; they must match one to one",
         f"row 1: image file 'missing.jpg' not found (looked in {media}); set media_dir to its folder",
     ]
-    assert ds.examples[0].images == [str(media / "1.jpg")]
+    assert ds.examples[0].images == [str((media / "1.jpg").resolve())]
 
 
 def test_config_mistakes_are_clear(tmp_path: Path, lf_data: Path) -> None:

@@ -38,6 +38,7 @@ MIN_ROWS = 2
 AUTO_MAX_BYTES = 2 * 1024**3
 
 _state = threading.local()
+_PACKED = "_stoker_packed_weight"
 
 
 def packed_kernels_available() -> bool:
@@ -79,7 +80,8 @@ class PackedLinears:
                         size / 1024**3)
             return None
         for module in linears:
-            _pack(module)
+            if not hasattr(module, _PACKED):  # a second engine on the same model reuses the first one's copies
+                _pack(module)
         return PackedLinears(len(linears))
 
     @contextlib.contextmanager
@@ -106,3 +108,4 @@ def _pack(module: Any) -> None:
         return plain(x)
 
     module.forward = forward
+    setattr(module, _PACKED, packed)
