@@ -1,13 +1,16 @@
 """The running batch's KV cache: rows of different lengths, left-padded to one length.
 
 Every row's real tokens are right-aligned, so one decode step feeds one new token per row at the same column.
-Rows join by left-padding the shorter side and concatenating along the batch dimension; rows leave by
-index-selecting the others away, after which columns that are padding in every row are trimmed off the left.
+Rows join by copying both sides into one new buffer, the shorter side left-padded with zeros; rows leave by
+index-selecting the others away, after which columns that are padding in every row are trimmed off the left (a
+view: no copy).
 The 2D attention mask hides the padding; per-row position ids keep RoPE positions exact, so a row's logits do not
 depend on how much padding its batch mates forced on it.
 
 Each layer appends new keys/values in place into spare capacity (``GrowingLayer``) instead of concatenating
-the whole cache every step as ``DynamicLayer`` does: that copy is O(cache) per step and per layer.
+the whole cache every step as ``DynamicLayer`` does: that copy is O(cache) per step and per layer. Joining,
+leaving and trimming keep spare capacity too, so the step after a row finishes does not reallocate the cache
+(with short replies, rows come and go nearly every step).
 
 Works with any transformers model that takes ``past_key_values`` as a ``DynamicCache`` plus 2D
 ``attention_mask`` and ``position_ids`` (decoder-only attention models: Llama, Qwen, Mistral, Gemma, ...).
@@ -99,6 +102,31 @@ def _growing_layer_class() -> type:
             if self._len:
                 self.keys, self.values = self.keys[indices, ...], self.values[indices, ...]
 
+        def take_rows(self, index) -> None:
+            """Keep the rows ``index`` (a long tensor), spare capacity included: one copy, no reallocation later."""
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+
+        def trim_left(self, cols: int) -> None:
+            """Drop the first ``cols`` columns: a view of the same buffer."""
+            self._k, self._v = self._k[:, :, cols:], self._v[:, :, cols:]
+            self._len -= cols
+
+        def join(self, other, pad_self: int, pad_other: int) -> None:
+            """Stack ``other``'s rows under this layer's in one new buffer with spare capacity; each side is
+            left-padded with zeros (finite, so that masked-out positions cannot turn attention into NaN)."""
+            cols = self._len + pad_self
+            rows_a, rows_b = self._k.shape[0], other._k.shape[0]
+            capacity = cols + max(64, cols // 2)
+            for name in ("_k", "_v"):
+                a, b = getattr(self, name), getattr(other, name)
+                out = a.new_empty((rows_a + rows_b, a.shape[1], capacity, a.shape[3]))
+                out[:rows_a, :, :pad_self].zero_()
+                out[:rows_a, :, pad_self:cols] = a[:, :, : self._len]
+                out[rows_a:, :, :pad_other].zero_()
+                out[rows_a:, :, pad_other:cols] = b[:, :, : other._len]
+                setattr(self, name, out)
+            self._len = cols
+
     _GROWING = GrowingLayer
     return GrowingLayer
 
@@ -149,8 +177,7 @@ class PaddedKVBatch:
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         for layer in self._layers():
-            # Read both before assigning either: assigning keys changes the visible length of values.
-            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            layer.take_rows(index)
         self.mask = self.mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.last_tokens = self.last_tokens.index_select(0, index)
@@ -163,7 +190,7 @@ class PaddedKVBatch:
         first = int(used.to(self.mask.dtype).argmax())
         if first > 0:
             for layer in self._layers():
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                layer.trim_left(first)
             self.mask = self.mask[:, first:]
 
     def merge(self, other: PaddedKVBatch) -> None:
@@ -180,13 +207,8 @@ class PaddedKVBatch:
         if len(mine) != len(theirs):
             raise RuntimeError(f"cache layer count differs ({len(mine)} vs {len(theirs)})")
         pad_a, pad_b = cols - self.cols, cols - other.cols
-
-        def left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:
-            return F.pad(t, (0, 0, pad, 0)) if pad else t
-
         for a, b in zip(mine, theirs):
-            a.keys, a.values = (torch.cat([left_pad(a.keys, pad_a), left_pad(b.keys, pad_b)], dim=0),
-                                torch.cat([left_pad(a.values, pad_a), left_pad(b.values, pad_b)], dim=0))
+            a.join(b, pad_a, pad_b)
         self.mask = torch.cat([F.pad(self.mask, (pad_a, 0)), F.pad(other.mask, (pad_b, 0))], dim=0)
         self.positions = torch.cat([self.positions, other.positions])
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
