@@ -460,11 +460,11 @@ class VLLMEngine(ThreadedEngine):
             completion = out.outputs[0]
             deltas = by_request.setdefault(req.uid, (req, []))[1]
             logprobs = completion.logprobs
-            for j, token in enumerate(completion.token_ids):
-                lp = logprobs[j] if logprobs is not None and j < len(logprobs) else None
-                k = req.params.logprobs
-                delta = choice.out.push(int(token), None if lp is None or k is None else self._token_logprob(
-                    int(token), lp, k))
+            k = req.params.logprobs
+            for j, token in enumerate(map(int, completion.token_ids)):
+                entry = logprobs[j] if logprobs is not None and j < len(logprobs) else None
+                logprob = self._token_logprob(token, entry, k) if entry is not None and k is not None else None
+                delta = choice.out.push(token, logprob)
                 if delta is not None:
                     deltas.append(delta)
                 if choice.out.finish is not None:
