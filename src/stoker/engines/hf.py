@@ -167,19 +167,11 @@ class HFEngine(ThreadedEngine):
             out.update(self._counters)
         return out
 
-    def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-        error = RequestError("the engine was shut down before this request finished")
+    def _take_unfinished(self) -> list[_Request]:
         with self._cond:
             pending = [*self._waiting, *self._active.values()]
             self._waiting.clear()
-        for req in pending:
-            self._send(req, error)
+        return pending
 
     # ------------------------------------------------------------------ request intake
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stoker.engines.base import Completion, Delta, Engine, GenerationRequest, SamplingParams, collect
+from stoker.errors import RequestError
 
 Sink = Callable[[list[Delta] | BaseException], None]
 
@@ -33,7 +34,12 @@ class PreparedRequest:
 
 
 class ThreadedEngine(Engine):
-    """An engine whose requests run on a background thread; subclasses implement the three hooks below."""
+    """An engine whose requests run on a background thread; subclasses implement the hooks below and set
+    ``_cond`` (guarding their queues), ``_closed`` and ``_thread`` (which returns once ``_closed`` is set)."""
+
+    _cond: threading.Condition
+    _closed: bool
+    _thread: threading.Thread
 
     @abc.abstractmethod
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> Any:
@@ -46,6 +52,29 @@ class ThreadedEngine(Engine):
     @abc.abstractmethod
     def _cancel(self, req: Any) -> None:
         """Abort a prepared request from any thread and free its resources."""
+
+    @abc.abstractmethod
+    def _send(self, req: Any, item: list[Delta] | BaseException) -> None:
+        """Hand ``item`` to the request's sink (the thread that calls this must not hold ``_cond``)."""
+
+    @abc.abstractmethod
+    def _take_unfinished(self) -> list[Any]:
+        """After the thread has stopped: remove and return every request that has not finished."""
+
+    def _after_close(self) -> None:
+        """Release what the backend holds besides its thread (processes, memory)."""
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        error = RequestError("the engine was shut down before this request finished")
+        for req in self._take_unfinished():
+            self._send(req, error)
+        self._after_close()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:  # type: ignore[override]
         req = self._prepare(request)

@@ -279,23 +279,14 @@ class VLLMEngine(ThreadedEngine):
             out.update(self._counters)
         return out
 
-    def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=60)
-        error = RequestError("the engine was shut down before this request finished")
+    def _take_unfinished(self) -> list[_Request]:
         with self._cond:
             pending = list(self._requests.values()) + self._incoming
             self._requests.clear()
             self._incoming.clear()
-        for req in pending:
-            self._send(req, error)
-        self._shutdown_vllm()
+        return pending
 
-    def _shutdown_vllm(self) -> None:
+    def _after_close(self) -> None:
         llm, self._llm = self._llm, None
         if llm is None:
             return

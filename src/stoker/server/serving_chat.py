@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +13,9 @@ from fastapi.responses import Response
 
 from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
 from stoker.engines.detokenize import decode
-from stoker.errors import RequestError, StokerError
-from stoker.server.errors import sse_error
+from stoker.errors import RequestError
 from stoker.server.protocol import (
     LOGPROB_FLOOR,
-    SSE_DONE,
     ChatCompletionRequest,
     NamedToolChoice,
     chat_chunk,
@@ -37,9 +34,8 @@ from stoker.server.replies import (
     tool_call_dicts,
 )
 from stoker.server.state import ServerState
-from stoker.server.streams import respond
+from stoker.server.streams import StreamTally, respond, sse_answer
 
-logger = logging.getLogger("stoker")
 
 REQUIRED_NOTE = "Answer by calling one or more of the provided tools."
 NAMED_NOTE = "Answer by calling the tool {name!r}."
@@ -239,12 +235,25 @@ def token_logprob(item: TokenLogprob, top: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Streamed answers
 # --------------------------------------------------------------------------------------------------------------------
-async def chat_events(
+def chat_events(
     state: ServerState, plan: ChatPlan, stream: AsyncIterator[Delta], request_id: str, model: str
 ) -> AsyncIterator[str]:
-    n = plan.request.params.n
     created = int(time.time())
-    with_usage = plan.include_usage
+    tally = StreamTally(plan.request.params.n, len(plan.request.prompt_ids))
+
+    def usage_event(counts: dict[str, int]) -> str:
+        return sse(chat_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
+
+    events = _chat_deltas(state, plan, stream, tally, lambda choices: sse(
+        chat_chunk(request_id, created, model, choices, with_usage=plan.include_usage)))
+    return sse_answer(events, tally, state.metrics, request_id, usage_event if plan.include_usage else None)
+
+
+async def _chat_deltas(
+    state: ServerState, plan: ChatPlan, stream: AsyncIterator[Delta], tally: StreamTally,
+    chunk: Callable[[list[dict[str, Any]]], str],
+) -> AsyncIterator[str]:
+    n = plan.request.params.n
     reasoning_markers, tool_markers = stream_markers(state.service.template, plan.policy)
     streamers = [
         ReplyStreamer(plan.parse, plan.policy, reasoning_markers=reasoning_markers, tool_markers=tool_markers,
@@ -252,14 +261,6 @@ async def chat_events(
         for _ in range(n)
     ]
     tool_index = [0] * n
-    completion_tokens = [0] * n
-    reasons: list[str] = []
-    prompt_tokens = len(plan.request.prompt_ids)
-    open_choices = n
-    failed = False
-
-    def chunk(choices: list[dict[str, Any]]) -> str:
-        return sse(chat_chunk(request_id, created, model, choices, with_usage=with_usage))
 
     def delta_body(part: ReplyDelta, index: int) -> dict[str, Any]:
         body: dict[str, Any] = {}
@@ -275,41 +276,22 @@ async def chat_events(
             body["tool_calls"] = calls
         return body
 
-    try:
-        for i in range(n):
-            yield chunk([chat_chunk_choice(i, {"role": "assistant", "content": ""})])
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]
-            async for delta in stream:
-                i = delta.index
-                part = streamers[i].push(delta.text)
-                lp = None
-                if plan.top_logprobs is not None and delta.logprobs:
-                    lp = chat_logprobs(delta.logprobs, plan.top_logprobs)
-                if part or lp:
-                    yield chunk([chat_chunk_choice(i, delta_body(part, i), logprobs=lp)])
-                if delta.finish_reason is None:
-                    continue
-                rest, reason = streamers[i].finish(delta.finish_reason)
-                if rest:
-                    yield chunk([chat_chunk_choice(i, delta_body(rest, i))])
-                yield chunk([chat_chunk_choice(i, {}, finish_reason=reason)])
-                completion_tokens[i] = delta.completion_tokens
-                prompt_tokens = delta.prompt_tokens or prompt_tokens
-                reasons.append(reason)
-                open_choices -= 1
-    except StokerError as exc:  # e.g. a JSON-mode reply that is not JSON: the headers are sent, so an error event
-        failed = True
-        yield sse_error(exc, request_id)
-    except Exception:
-        failed = True
-        logger.exception("request %s failed while streaming", request_id)
-        yield sse_error(None, request_id)
-    finally:
-        if open_choices and not failed:
-            # The client left before the end; closing the engine stream above has aborted the request.
-            state.metrics.aborted += 1
-        state.metrics.generation_done(prompt_tokens, sum(completion_tokens), reasons)
-    if with_usage and not open_choices:
-        counts = usage(prompt_tokens, sum(completion_tokens))
-        yield sse(chat_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
-    yield SSE_DONE
+    for i in range(n):
+        yield chunk([chat_chunk_choice(i, {"role": "assistant", "content": ""})])
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for delta in stream:
+            i = delta.index
+            part = streamers[i].push(delta.text)
+            lp = None
+            if plan.top_logprobs is not None and delta.logprobs:
+                lp = chat_logprobs(delta.logprobs, plan.top_logprobs)
+            if part or lp:
+                yield chunk([chat_chunk_choice(i, delta_body(part, i), logprobs=lp)])
+            if delta.finish_reason is None:
+                continue
+            rest, reason = streamers[i].finish(delta.finish_reason)
+            if rest:
+                yield chunk([chat_chunk_choice(i, delta_body(rest, i))])
+            yield chunk([chat_chunk_choice(i, {}, finish_reason=reason)])
+            tally.prompt_tokens = delta.prompt_tokens or tally.prompt_tokens
+            tally.finished(reason, delta.completion_tokens)

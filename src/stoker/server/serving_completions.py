@@ -8,9 +8,8 @@ as in OpenAI's API.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,20 +18,16 @@ from fastapi.responses import Response
 
 from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
 from stoker.engines.detokenize import decode
-from stoker.errors import RequestError, StokerError
-from stoker.server.errors import sse_error
+from stoker.errors import RequestError
 from stoker.server.protocol import (
     LOGPROB_FLOOR,
-    SSE_DONE,
     CompletionRequest,
     completion_chunk,
     sse,
     usage,
 )
 from stoker.server.state import ServerState
-from stoker.server.streams import merge, respond
-
-logger = logging.getLogger("stoker")
+from stoker.server.streams import StreamTally, merge, respond, sse_answer
 
 
 @dataclass
@@ -156,52 +151,40 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
     }
 
 
-async def completion_events(
+def completion_events(
     state: ServerState, plan: CompletionPlan, streams: list[AsyncIterator[Delta]], request_id: str, model: str
 ) -> AsyncIterator[str]:
-    n = plan.n
     created = int(time.time())
-    with_usage = plan.include_usage
-    offsets = [len(plan.echo_texts[k // n]) for k in range(len(streams) * n)]
-    completion_tokens = 0
-    reasons: list[str] = []
-    open_choices = len(streams) * n
-    failed = False
+    tally = StreamTally(len(streams) * plan.n, sum(len(r.prompt_ids) for r in plan.requests))
 
     def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse(completion_chunk(request_id, created, model, [choice], with_usage=with_usage))
+        return sse(completion_chunk(request_id, created, model, [choice], with_usage=plan.include_usage))
 
-    try:
-        for k in range(len(streams) * n):
-            if plan.echo_texts[k // n]:
-                yield chunk(k, plan.echo_texts[k // n], None, None)
-        async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
-            async for p, delta in merged:
-                k = p * n + delta.index
-                lp = None
-                if plan.logprobs is not None and delta.logprobs:
-                    lp = completion_logprobs(delta.logprobs, offsets[k])
-                    offsets[k] += sum(len(t.token) for t in delta.logprobs)
-                if delta.text or lp or delta.finish_reason:
-                    yield chunk(k, delta.text, lp, delta.finish_reason)
-                if delta.finish_reason is not None:
-                    completion_tokens += delta.completion_tokens
-                    reasons.append(delta.finish_reason)
-                    open_choices -= 1
-    except StokerError as exc:
-        failed = True
-        yield sse_error(exc, request_id)
-    except Exception:
-        failed = True
-        logger.exception("request %s failed while streaming", request_id)
-        yield sse_error(None, request_id)
-    finally:
-        if open_choices and not failed:
-            state.metrics.aborted += 1
-        prompt_tokens = sum(len(r.prompt_ids) for r in plan.requests)
-        state.metrics.generation_done(prompt_tokens, completion_tokens, reasons)
-    if with_usage and not open_choices:
-        counts = usage(prompt_tokens, completion_tokens)
-        yield sse(completion_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
-    yield SSE_DONE
+    def usage_event(counts: dict[str, int]) -> str:
+        return sse(completion_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
+
+    events = _completion_deltas(plan, streams, tally, chunk)
+    return sse_answer(events, tally, state.metrics, request_id, usage_event if plan.include_usage else None)
+
+
+async def _completion_deltas(
+    plan: CompletionPlan, streams: list[AsyncIterator[Delta]], tally: StreamTally,
+    chunk: Callable[[int, str, dict[str, Any] | None, str | None], str],
+) -> AsyncIterator[str]:
+    n = plan.n
+    offsets = [len(plan.echo_texts[k // n]) for k in range(len(streams) * n)]
+    for k in range(len(streams) * n):
+        if plan.echo_texts[k // n]:
+            yield chunk(k, plan.echo_texts[k // n], None, None)
+    async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
+        async for p, delta in merged:
+            k = p * n + delta.index
+            lp = None
+            if plan.logprobs is not None and delta.logprobs:
+                lp = completion_logprobs(delta.logprobs, offsets[k])
+                offsets[k] += sum(len(t.token) for t in delta.logprobs)
+            if delta.text or lp or delta.finish_reason:
+                yield chunk(k, delta.text, lp, delta.finish_reason)
+            if delta.finish_reason is not None:
+                tally.finished(delta.finish_reason, delta.completion_tokens)

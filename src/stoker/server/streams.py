@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from stoker.engines.base import Delta, Engine, GenerationRequest
+from stoker.errors import StokerError
+from stoker.server.errors import sse_error
 from stoker.server.metrics import ServerMetrics
-from stoker.server.protocol import CLIENT_CLOSED, SSE_HEADERS
+from stoker.server.protocol import CLIENT_CLOSED, SSE_DONE, SSE_HEADERS, usage
+
+logger = logging.getLogger("stoker")
 
 T = TypeVar("T")
 
@@ -53,6 +59,54 @@ async def respond(
         metrics.aborted += 1
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(body)
+
+
+@dataclass
+class StreamTally:
+    """What a streamed answer counts as it goes: choices still open, tokens and finish reasons."""
+
+    open_choices: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def finished(self, reason: str, completion_tokens: int) -> None:
+        self.open_choices -= 1
+        self.completion_tokens += completion_tokens
+        self.reasons.append(reason)
+
+
+async def sse_answer(
+    events: AsyncIterator[str],
+    tally: StreamTally,
+    metrics: ServerMetrics,
+    request_id: str,
+    usage_event: Callable[[dict[str, int]], str] | None,
+) -> AsyncIterator[str]:
+    """The events of a streamed answer, then its usage event (when asked for) and ``[DONE]``.
+
+    The 200 headers are out by the time ``events`` runs, so a failure becomes an error event, and a client that
+    leaves (Starlette closes this generator) is counted as aborted; closing ``events`` aborts its engine requests.
+    """
+    failed = False
+    try:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                yield event
+    except StokerError as exc:  # e.g. a JSON-mode reply that is not JSON
+        failed = True
+        yield sse_error(exc, request_id)
+    except Exception:
+        failed = True
+        logger.exception("request %s failed while streaming", request_id)
+        yield sse_error(None, request_id)
+    finally:
+        if tally.open_choices and not failed:
+            metrics.aborted += 1
+        metrics.generation_done(tally.prompt_tokens, tally.completion_tokens, tally.reasons)
+    if usage_event is not None and not tally.open_choices:
+        yield usage_event(usage(tally.prompt_tokens, tally.completion_tokens))
+    yield SSE_DONE
 
 
 async def admitted_stream(engine: Engine, request: GenerationRequest) -> AsyncIterator[Delta]:
