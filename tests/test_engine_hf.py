@@ -403,6 +403,23 @@ def test_abort_frees_the_slot(endless_llama, tokenizer) -> None:
         eng.close()
 
 
+def test_a_stream_whose_event_loop_is_gone_frees_its_slot(endless_llama, tokenizer) -> None:
+    # A caller whose loop closes without closing the stream (no asyncgen shutdown) cannot be told: the engine must
+    # notice on its next delta and free the slot itself.
+    eng = HFEngine(endless_llama, tokenizer, max_num_seqs=1)
+    try:
+        loop = asyncio.new_event_loop()
+        agen = eng.stream(GenerationRequest(prompts(tokenizer, 2)[1], SamplingParams(4000)))
+        loop.run_until_complete(agen.__anext__())
+        assert eng.stats()["running"] == 1
+        loop.close()
+        wait_for(lambda: eng.stats()["running"] == 0 and eng.stats()["requests_aborted_total"] == 1)
+        done = eng.generate_batch([GenerationRequest(prompts(tokenizer, 2)[1], SamplingParams(5))])
+        assert len(done[0].choices[0].token_ids) == 5
+    finally:
+        eng.close()
+
+
 def test_full_queue_raises_overloaded(endless_llama, tokenizer) -> None:
     eng = HFEngine(endless_llama, tokenizer, max_num_seqs=1, max_queue=2)
     prompt = prompts(tokenizer, 2)[1]
