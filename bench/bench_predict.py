@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved; the best counts")
     parser.add_argument("--skip-one-by-one", action="store_true", help="leave out the slowest baseline")
+    parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "packed", "stock"], help="the engine's cpu_matmul")
     parser.add_argument("--model", default="demo:chat",
                         help="model folder (default demo:chat); 'stories' for ../shared's stories260K, template empty")
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
     elif args.model != "demo:chat":
         model_keys = {"model_name_or_path": args.model}
     settings = load_settings(None, {
-        **model_keys, "max_new_tokens": args.new_tokens, "do_sample": False,
+        **model_keys, "max_new_tokens": args.new_tokens, "do_sample": False, "cpu_matmul": args.cpu_matmul,
         "per_device_eval_batch_size": args.batch_size,
     })  # fmt: skip
     data = load_datasets(["alpaca_en_demo"], SHARED / "data" / "llamafactory", max_samples=args.rows)
@@ -143,6 +144,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "predict",
         "model": args.model,
+        "cpu_matmul": args.cpu_matmul,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "rows": len(rows),
         "new_tokens": args.new_tokens,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not packed_kernels_available(), reason="this tor
 
 def two_layers() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False)).eval()
+    return torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.SiLU(), torch.nn.Linear(512, 256, bias=False)).eval()
 
 
 def test_packed_only_inside_active_and_for_several_rows(monkeypatch) -> None:
@@ -31,14 +31,17 @@ def test_packed_only_inside_active_and_for_several_rows(monkeypatch) -> None:
         return real(x, *args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
-    rows = torch.randn(5, 64)
+    rows = torch.randn(5, 64 * 8)
     with torch.inference_mode():
         # Outside active(): plain F.linear, bit for bit.
         assert torch.equal(model(rows), reference(rows)) and not calls
         with packed.active():
             fast = model(rows)
             one = model(rows[:1])  # a single row keeps the stock path
-        assert calls == [5, 5]
+            assert calls == [5, 5]
+            # Two rows: 2 x 512 x 512 multiply-adds reach MIN_MACS (2^19); 2 x 512 x 256 do not.
+            model(rows[:2])
+        assert calls == [5, 5, 2]
         assert torch.equal(one, reference(rows[:1]))
         torch.testing.assert_close(fast, reference(rows), rtol=1e-5, atol=1e-5)
 
@@ -48,7 +51,7 @@ def test_packed_only_inside_active_and_for_several_rows(monkeypatch) -> None:
             worker = threading.Thread(target=lambda: seen.append(model(rows)))
             worker.start()
             worker.join()
-        assert calls == [5, 5] and torch.equal(seen[0], reference(rows))
+        assert calls == [5, 5, 2] and torch.equal(seen[0], reference(rows))
 
 
 def test_packing_twice_reuses_the_first_copies() -> None:
