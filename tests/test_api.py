@@ -149,7 +149,8 @@ def make_endless_model(demo_chat: Path, out: Path) -> Path:
 def limited(demo_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     folder = tmp_path_factory.mktemp("api-limited")
     model = make_endless_model(demo_chat, folder / "endless")
-    config = {"model_name_or_path": str(model), "max_num_seqs": 1, "max_queue": 1, "max_batch_tokens": 3500}
+    config = {"model_name_or_path": str(model), "max_num_seqs": 1, "max_queue": 1, "max_batch_tokens": 3500,
+              "api_max_body_mb": 1}
     srv = start_server(config, folder, env={"API_KEY": LIMITED_KEY, "API_MODEL_NAME": LIMITED_NAME})
     yield srv
     stop_server(srv)
@@ -736,6 +737,25 @@ def test_auth(limited: ApiServer) -> None:
     reply = client(limited, api_key=LIMITED_KEY).chat.completions.create(model=LIMITED_NAME, messages=WHO,
                                                                          max_tokens=5, user="alice")
     assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+
+
+def test_request_bodies_over_the_cap_get_413(limited: ApiServer) -> None:
+    url, auth = limited.v1 + "/chat/completions", {"Authorization": f"Bearer {LIMITED_KEY}"}
+    big = {"model": LIMITED_NAME, "messages": [{"role": "user", "content": "x" * (1024**2 + 10)}], "max_tokens": 1}
+    error = assert_error(httpx.post(url, json=big, headers=auth, timeout=30), 413, "invalid_request_error",
+                         says="more than this server accepts (1 MiB, api_max_body_mb)")
+    assert "bytes" in error["message"] and "at least" not in error["message"]  # from Content-Length, up front
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i : i + 64 * 1024]
+
+    error = assert_error(httpx.post(url, content=chunks(), headers={**auth, "content-type": "application/json"},
+                                    timeout=30), 413, "invalid_request_error", says="at least")
+    # Under the cap, the same route answers as usual.
+    small = {**big, "messages": [{"role": "user", "content": "x" * 1000}]}
+    assert httpx.post(url, json=small, headers=auth, timeout=REQUEST_TIMEOUT_S).status_code == 200
 
 
 def test_tokens_in_flight_are_capped(limited: ApiServer) -> None:

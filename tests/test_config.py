@@ -114,6 +114,8 @@ def test_typo_warns_with_nearest_key(caplog: pytest.LogCaptureFixture) -> None:
         ({"top_p": 1.5}, "invalid value for top_p: 1.5; expected a number in (0, 1]."),
         ({"max_new_tokens": 0}, "invalid value for max_new_tokens: 0; expected an integer >= 1."),
         ({"api_port": 70000}, "invalid value for api_port: 70000; expected a port number from 1 to 65535."),
+        ({"api_max_body_mb": 0}, "invalid value for api_max_body_mb: 0; expected an integer >= 1."),
+        ({"cpu_matmul": "fast"}, "invalid value for cpu_matmul: 'fast'; expected one of 'auto', 'packed', 'stock'."),
         ({"vllm_config": "{not json"}, "invalid value for vllm_config: '{not json'; expected a mapping or a JSON object string."),
     ],
 )

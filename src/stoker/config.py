@@ -96,6 +96,7 @@ class Settings:
     api_port: int = 8000
     api_key: str | None = None
     api_model_name: str | None = None
+    api_max_body_mb: int = 64  # request bodies above this many MiB get HTTP 413
     # --- web chat ----------------------------------------------------------------------------------------------------
     gradio_server_name: str = "127.0.0.1"
     gradio_server_port: int = 7860
@@ -144,6 +145,7 @@ ENV_KEYS = {
     "api_port": "API_PORT",
     "api_key": "API_KEY",
     "api_model_name": "API_MODEL_NAME",
+    "api_max_body_mb": "API_MAX_BODY_MB",
     "gradio_server_name": "GRADIO_SERVER_NAME",
     "gradio_server_port": "GRADIO_SERVER_PORT",
     "gradio_share": "GRADIO_SHARE",
@@ -317,7 +319,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def _check(s: Settings) -> None:
     """Rules between keys and ranges that a type alone cannot say."""
-    positive = ["max_num_seqs", "max_batch_tokens", "max_queue", "per_device_eval_batch_size", "cutoff_len", "num_beams"]
+    positive = ["max_num_seqs", "max_batch_tokens", "max_queue", "per_device_eval_batch_size", "cutoff_len", "num_beams",
+                "api_max_body_mb"]
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"invalid value for {key}: {getattr(s, key)!r}; expected an integer >= 1.")

@@ -17,7 +17,7 @@ from stoker import __version__
 from stoker.errors import ConfigError
 from stoker.server.auth import bearer_auth
 from stoker.server.errors import install_error_handlers
-from stoker.server.middleware import ObservabilityMiddleware
+from stoker.server.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from stoker.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -91,7 +91,8 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
         text = state.metrics.render(service.engine.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(ObservabilityMiddleware, metrics=state.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_mb * 1024**2)
+    app.add_middleware(ObservabilityMiddleware, metrics=state.metrics)  # added last: the outermost
     app.openapi = lambda: _openapi_with_model_ids(app, [card.id for card in state.model_cards()])  # type: ignore
     return app
 

@@ -1,6 +1,7 @@
-"""The outermost layer of the app: request ids, HTTP metrics, and a last-resort 500 in OpenAI's error shape.
+"""The outer layers of the app: request ids, HTTP metrics, a last-resort 500 in OpenAI's error shape, and a cap
+on request bodies.
 
-A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which buffers and breaks streaming cancellation).
+Plain ASGI middlewares (not Starlette's BaseHTTPMiddleware, which buffers and breaks streaming cancellation).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import logging
 import time
 import uuid
 from typing import Any
+
+from fastapi import HTTPException
 
 from stoker.server.errors import internal_error_body
 from stoker.server.metrics import ServerMetrics
@@ -74,3 +77,43 @@ class ObservabilityMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.http_done(path, scope.get("method", ""), status, time.perf_counter() - started)
+
+
+class BodyLimitMiddleware:
+    """Refuses a request body larger than ``max_bytes`` with a 413 before it is read whole.
+
+    A declared ``Content-Length`` is checked up front; a chunked body is counted as it arrives. Either way the error is
+    raised from ``receive`` as FastAPI's ``HTTPException``, which FastAPI passes on (any other error while reading
+    the body would become its generic 400) and the app's handler turns into OpenAI's error shape.
+    """
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large(int(declared), exact=True)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large(received, exact=False)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self, size: int, *, exact: bool) -> HTTPException:
+        limit_mb = self.max_bytes / 1024**2
+        return HTTPException(
+            413, f"the request body is {'' if exact else 'at least '}{size} bytes, more than this "
+                 f"server accepts ({limit_mb:g} MiB, api_max_body_mb). Send less (e.g. smaller images), or raise "
+                 "api_max_body_mb / API_MAX_BODY_MB.")
