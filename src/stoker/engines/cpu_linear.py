@@ -25,9 +25,9 @@ inputs always keep the stock path, so a request served alone runs exactly the co
 
 How: each ``nn.Linear`` of the model keeps its weight and gains a packed copy; its ``forward`` is replaced by one
 that takes the packed copy only while the calling thread is inside ``PackedLinears.active()`` (the engine's step
-thread, around its forward passes) and the matmul is big enough (``MIN_ROWS`` rows and ``MIN_MACS``). Every other caller of the same
-model object (``model.generate`` in user code, peft, a baseline in a benchmark) still gets plain ``F.linear``.
-The results differ from MKL's in the last bits of float32, as MKL's own results do between batch sizes.
+thread, around its forward passes) and the matmul is big enough (``MIN_ROWS`` rows and ``MIN_MACS``). Every other
+caller of the same model object (``model.generate`` in user code, peft, a baseline in a benchmark) still gets plain
+``F.linear``. The results differ from MKL's in the last bits of float32, as MKL's own results do between batch sizes.
 
 The packed copies cost as much memory as the linear weights, so ``auto`` packs only float32 CPU models whose
 linear weights take at most ``AUTO_MAX_BYTES``; ``cpu_matmul: packed`` packs any size, ``stock`` never.
@@ -109,12 +109,12 @@ def _pack(module: Any) -> None:
 
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    bias = module.bias.detach() if module.bias is not None else None  # packed once, like the weight
     plain = module.forward
     min_rows = max(MIN_ROWS, -(-MIN_MACS // module.weight.numel()))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if getattr(_state, "on", False) and x.numel() >= min_rows * x.shape[-1] and x.dtype == torch.float32:
-            bias = module.bias.detach() if module.bias is not None else None
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return plain(x)
 

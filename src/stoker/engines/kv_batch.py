@@ -37,6 +37,11 @@ def new_cache() -> DynamicCache:
 _GROWING: type | None = None
 
 
+def _with_headroom(length: int) -> int:
+    """Capacity for a cache of ``length`` positions: room to grow for a while before the next reallocation."""
+    return length + max(64, length // 2)
+
+
 def _growing_layer_class() -> type:
     """``GrowingLayer``, defined on first use so that importing this module does not import transformers."""
     global _GROWING
@@ -83,7 +88,7 @@ def _growing_layer_class() -> type:
             new = key_states.shape[-2]
             end = self._len + new
             if self._k is None or end > self._k.shape[-2] or self._k.shape[0] != key_states.shape[0]:
-                capacity = end + max(64, end // 2)
+                capacity = _with_headroom(end)
                 keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
                 values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
                 if self._len:
@@ -116,7 +121,7 @@ def _growing_layer_class() -> type:
             left-padded with zeros (finite, so that masked-out positions cannot turn attention into NaN)."""
             cols = self._len + pad_self
             rows_a, rows_b = self._k.shape[0], other._k.shape[0]
-            capacity = cols + max(64, cols // 2)
+            capacity = _with_headroom(cols)
             for name in ("_k", "_v"):
                 a, b = getattr(self, name), getattr(other, name)
                 out = a.new_empty((rows_a + rows_b, a.shape[1], capacity, a.shape[3]))
