@@ -445,9 +445,9 @@ def test_full_queue_raises_overloaded(endless_llama, tokenizer) -> None:
         eng.close()
 
 
-def test_batch_token_budget_limits_admission(random_llama, tokenizer) -> None:
+def test_batch_token_budget_limits_admission(endless_llama, tokenizer) -> None:
     prompt = prompts(tokenizer, 2)[1]  # 5 tokens
-    eng = HFEngine(random_llama, tokenizer, max_batch_tokens=2 * (len(prompt) + 20))
+    eng = HFEngine(endless_llama, tokenizer, max_batch_tokens=2 * (len(prompt) + 20))
     try:
         peak: list[float] = []
 
@@ -548,8 +548,8 @@ def test_mixed_adapters_joining_and_leaving_stay_unmixed(tokenizer) -> None:
         eng.close()
 
 
-def test_close_ends_running_streams_with_an_error(random_llama, tokenizer) -> None:
-    eng = HFEngine(random_llama, tokenizer)
+def test_close_ends_running_streams_with_an_error(endless_llama, tokenizer) -> None:
+    eng = HFEngine(endless_llama, tokenizer)
     prompt = prompts(tokenizer, 2)[1]
 
     async def main() -> None:

@@ -431,6 +431,25 @@ def test_a_failure_on_one_process_is_reported_once(tmp_path: Path, demo_chat: Pa
     assert proc.stderr.count("stoker: error: dataset 'missing' is not defined") == 1, proc.stderr
 
 
+def test_a_process_that_joined_a_group_exits_at_once_with_its_output_flushed() -> None:
+    from stoker.predict.ranks import end_process
+
+    assert end_process(3) == 3  # this process joined no group: it exits the normal way
+    # One that did skips interpreter teardown (atexit handlers never run) but loses nothing it printed or logged.
+    script = ("import atexit, logging, sys\n"
+              "import stoker.predict.ranks as ranks\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              "logging.basicConfig(stream=sys.stderr)\n"
+              "print('saved', end='')\n"
+              "logging.getLogger('x').warning('logged')\n"
+              "ranks._joined_a_group = True\n"
+              "ranks.end_process(7)\n"
+              "print('not reached')\n")  # fmt: skip
+    proc = subprocess.run([PYTHON, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (7, "saved")
+    assert "logged" in proc.stderr
+
+
 def test_worker_settings_survive_the_trip_through_json() -> None:
     from stoker.config import load_settings
     from stoker.predict.ranks import settings_from_json, settings_to_json

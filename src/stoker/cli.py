@@ -140,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     setup_logging(debug)
+    code = _run(command, rest, debug)
+    # A torchrun worker of predict (the one command that joins a process group) leaves without interpreter teardown.
+    ranks = sys.modules.get("stoker.predict.ranks")
+    return ranks.end_process(code) if ranks is not None else code
+
+
+def _run(command: str, rest: list[str], debug: bool) -> int:
     try:
         return COMMANDS[command](rest)
     except StokerError as exc:

@@ -115,6 +115,8 @@ class Group:
             if not dist.is_initialized():
                 dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
             self._dist = dist
+            global _joined_a_group
+            _joined_a_group = True
 
     def gather(self, value: Any) -> list[Any]:
         """Every process's ``value``, in rank order, on every process (also a barrier)."""
@@ -148,6 +150,29 @@ class Group:
         if self._dist is not None and self._dist.is_initialized():
             self._dist.destroy_process_group()
         self._dist = None
+
+
+_joined_a_group = False
+
+
+def end_process(code: int) -> int:
+    """Exit a process that took part in a process group right away, with ``code``; any other process gets ``code``
+    back to exit normally.
+
+    Everything is saved and reported by the time this runs. What remains is the interpreter's teardown, and there
+    the native threads of the collective library (gloo, the TCP store) can now and then abort the process
+    ("terminate called without an active exception", SIGABRT), which would turn a finished run into a failed one.
+    Skipping that teardown is safe because the files were written and closed before this point.
+    """
+    if not _joined_a_group:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to lose
+            pass
+    os._exit(code)
 
 
 # --- the NPROC_PER_NODE launcher -----------------------------------------------------------------------------------

@@ -120,8 +120,9 @@ def predict(settings: Settings, world: World) -> int:
                 generate_rows(service, rows, part, stats, show_progress=world.is_main)
         per_rank = group.gather(stats)  # also waits for every process to finish writing
         runtime = time.perf_counter() - start
-        if world.is_main:
-            _finish(settings, plan, per_rank, runtime, world)
+        # The others wait for the main process's files: no process tears the group down while another still uses
+        # it, and a failure to write them ends every process with the main one's error.
+        group.agree(lambda: _finish(settings, plan, per_rank, runtime, world) if world.is_main else None)
         return 0
     except PeerFailed:
         return 2

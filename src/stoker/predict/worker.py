@@ -34,5 +34,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from stoker.predict.ranks import end_process
+
     logging.captureWarnings(True)
-    raise SystemExit(main())
+    raise SystemExit(end_process(main()))
