@@ -25,7 +25,7 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base scripts/setup-test.sh
 setup-test: $(VENV)/.stamp-test
 
 demo: setup
-	$(VENV)/bin/stoker demo
+	$(VENV)/bin/stoker demo chat adapter
 	$(VENV)/bin/stoker chat
 
 test: setup-test

@@ -701,6 +701,9 @@ def test_context_limits(server: ApiServer, ref: Reference, demo_chat: Path) -> N
     r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": "hi", "max_tokens": context},
                    timeout=10)
     assert_error(r, 400, "invalid_request_error", param="max_tokens", code="context_length_exceeded")
+    r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": " ".join(["apple"] * (context + 10))},
+                   timeout=10)
+    assert_error(r, 400, "invalid_request_error", param="prompt", code="context_length_exceeded", says=f"{context}")
 
 
 def test_metrics(server: ApiServer, demo_chat: Path) -> None:

@@ -146,6 +146,18 @@ def test_calls_the_request_does_not_allow_are_content(text: str, policy: ToolPol
         assert streamed("qwen", text, policy, piece=piece)[0] == expected
 
 
+@pytest.mark.parametrize(("policy", "finish"), [
+    (AUTO, "tool_calls"),
+    (ToolPolicy("required", [WEATHER, TIME]), "tool_calls"),
+    (ToolPolicy("named", [WEATHER], forced="get_weather"), "stop"),  # OpenAI's finish for a call forced by name
+])
+def test_finish_reason_of_a_call_follows_openai(policy: ToolPolicy, finish: str) -> None:
+    assert whole("qwen", CALL, policy)["finish"] == finish
+    for piece in (1, 1000):
+        total, _ = streamed("qwen", CALL, policy, piece=piece)
+        assert total["finish"] == finish and total["calls"] == [("get_weather", {"city": "Paris"})]
+
+
 def test_parallel_calls_and_parallel_off() -> None:
     text = CALL + "\n" + CALL.replace("get_weather", "get_time")
     total, _ = streamed("qwen", text, AUTO, piece=3)

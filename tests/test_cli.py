@@ -50,7 +50,7 @@ def test_unknown_command_suggests() -> None:
         (["model_name_or_path=x", "temperature=hot"],
          "stoker: error: invalid value for temperature: 'hot'; expected a number or null.\n"),
         (["missing.yaml"],
-         "stoker: error: config file not found: missing.yaml. Pass the path of a YAML file, e.g. examples/demo.yaml.\n"),
+         "stoker: error: config file not found: missing.yaml. Pass the path of a YAML file, e.g. examples/inference/demo.yaml.\n"),
     ],
 )
 def test_bad_config_exits_2_without_traceback(args: list[str], message: str) -> None:

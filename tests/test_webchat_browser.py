@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, under_ci
 from stoker.demo.tasks import FACTS, IDENTITY_ANSWER
 
 pytestmark = pytest.mark.browser
@@ -47,7 +47,7 @@ def require_browser() -> None:
         except ImportError:
             problem = "playwright is not installed: pip install playwright (make setup-test does)"
     if problem:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
+        if under_ci():
             pytest.fail(f"browser tests cannot run under CI: {problem}")
         pytest.skip(problem)
 

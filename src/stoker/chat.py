@@ -191,14 +191,16 @@ class ChatService:
             req.request_id = request_id
         return req
 
-    def fit_params(self, prompt_len: int, params: SamplingParams) -> SamplingParams:
-        """Check the prompt fits the context and cap max_new_tokens by max_length and what is left."""
+    def fit_params(self, prompt_len: int, params: SamplingParams, *, param: str = "messages") -> SamplingParams:
+        """Check the prompt fits the context and cap max_new_tokens by max_length and what is left.
+
+        ``param`` names the request field an over-long prompt came from (``prompt`` for raw completions)."""
         limit = self.max_model_len
         if prompt_len >= limit:
             raise RequestError(
                 f"the prompt is {prompt_len} tokens but the model's context is {limit} tokens: shorten the "
                 "conversation.",
-                param="messages",
+                param=param,
                 code="context_length_exceeded",
             )
         room = limit - prompt_len

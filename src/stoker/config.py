@@ -184,7 +184,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. examples/demo.yaml.")
+        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. examples/inference/demo.yaml.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -343,6 +343,10 @@ def _check(s: Settings) -> None:
             f"invalid value for num_beams: {s.num_beams!r}; Stoker decodes one beam (greedy or sampling). "
             "Remove num_beams or set it to 1."
         )
+    if s.length_penalty != 1.0:
+        # transformers applies it to beam scores only, and Stoker decodes one beam: say so rather than ignore it quietly.
+        logger.warning("length_penalty=%r has no effect: it only scales beam-search scores, and Stoker decodes one "
+                       "beam. Remove it.", s.length_penalty)
     if s.adapter_name_or_path and s.finetuning_type != "lora":
         raise ConfigError(
             f"adapter_name_or_path is set but finetuning_type is {s.finetuning_type!r}; adapters need "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stoker.chat import ChatService
 from stoker.config import Settings, generation_defaults
+from stoker.errors import ConfigError
 
 logger = logging.getLogger("stoker")
 
@@ -21,7 +22,8 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
     """Load the model and start its engine.
 
     ``per_request_adapters``: keep LoRA adapters separate so each request can pick one (the API); otherwise the
-    config's adapters are merged into the weights in order, as LLaMA-Factory applies them (chat, webchat, predict).
+    config's adapters are merged into the weights in order, as LLaMA-Factory applies them (chat, webchat, predict),
+    unless ``merge_adapters: false`` keeps the one adapter apart (the same numbers as the API's, at some speed).
     """
     from stoker.templates import check_template_mismatch, get_template
 
@@ -35,7 +37,17 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
         from stoker.engines.hf import HFEngine
         from stoker.models.loader import load_model
 
-        loaded = load_model(settings, merge=not per_request_adapters)
+        merge = settings.merge_adapters and not per_request_adapters
+        loaded = load_model(settings, merge=merge)
+        default_adapter = None
+        if loaded.adapters and not merge and not per_request_adapters:
+            if len(loaded.adapters) > 1:
+                raise ConfigError(
+                    f"merge_adapters: false keeps an adapter apart from the weights, but adapter_name_or_path lists "
+                    f"{len(loaded.adapters)}; stacking several in order needs merging. Set merge_adapters: true, or "
+                    "keep one adapter."
+                )
+            default_adapter = next(iter(loaded.adapters))
         engine = HFEngine(
             loaded.model,
             loaded.tokenizer,
@@ -43,6 +55,7 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
             max_batch_tokens=settings.max_batch_tokens,
             max_queue=settings.max_queue,
             adapters=list(loaded.adapters) if not loaded.merged else None,
+            default_adapter=default_adapter,
             cpu_matmul=settings.cpu_matmul,
         )
         tokenizer, generation_config, processor = loaded.tokenizer, loaded.generation_config, loaded.processor

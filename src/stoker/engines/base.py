@@ -176,7 +176,7 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
         raise RequestError(
             f"{where} has a prompt of {len(prompt)} tokens, but the context holds {max_model_len} "
             f"(max_model_len) including at least one generated token: shorten the prompt.",
-            param="messages", code="context_length_exceeded")
+            param="prompt", code="context_length_exceeded")
     validate_params(request.params, where)
     if request.media and not vision:
         raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")

@@ -91,6 +91,7 @@ class HFEngine(ThreadedEngine):
         max_queue: int = 256,
         max_model_len: int | None = None,
         adapters: list[str] | None = None,
+        default_adapter: str | None = None,
         max_prefill_tokens: int = 8192,
         cpu_matmul: str = "auto",
     ):
@@ -110,6 +111,9 @@ class HFEngine(ThreadedEngine):
         self._logits_width = int(head.weight.shape[0]) if head is not None else int(config.vocab_size)
         self._adapters = list(adapters or [])
         self._check_adapters(model)
+        if default_adapter is not None and default_adapter not in self._adapters:
+            raise unknown_adapter(default_adapter, self._adapters)
+        self._default_adapter = default_adapter or BASE_ADAPTER  # for requests that name none
         from stoker.models.vision import is_vision_config
 
         vision = is_vision_config(model.config)
@@ -194,7 +198,7 @@ class HFEngine(ThreadedEngine):
             from stoker.media import check_prompt_images
 
             check_prompt_images(prompt, request.media, self._image_token_id, where=where)
-        adapter = BASE_ADAPTER
+        adapter = self._default_adapter
         if request.adapter is not None:
             if request.adapter not in self._adapters:
                 raise unknown_adapter(request.adapter, self._adapters)

@@ -34,14 +34,13 @@ DEMO_PREFIX = "demo:"  # demo:chat, demo:adapter ... name the built-in demo mode
 
 
 def _demo_model(name: str, *, key: str) -> Path:
-    from stoker.demo import ensure_demo_models
+    from stoker.demo import DEMO_MODELS, ensure_demo_models
 
-    models = ensure_demo_models()
     which = name[len(DEMO_PREFIX) :]
-    if which not in models:
-        choices = ", ".join(DEMO_PREFIX + m for m in models)
+    if which not in DEMO_MODELS:
+        choices = ", ".join(DEMO_PREFIX + m for m in DEMO_MODELS)
         raise ConfigError(f"invalid value for {key}: {name!r}; the demo models are {choices}.")
-    return models[which]
+    return ensure_demo_models(names=[which])[which]  # only this one (and what it builds on): each costs minutes
 
 
 def _is_hub_id(name: str) -> bool:

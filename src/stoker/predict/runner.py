@@ -39,6 +39,7 @@ from stoker.predict.writer import (
     RESULTS_FILE,
     PartWriter,
     PredictionStore,
+    files_stamp,
     save_metrics,
 )
 
@@ -166,12 +167,20 @@ def _load(settings: Settings, world: World) -> _Plan:
         check_scorers()
     fingerprint = settings.fingerprint(list(OUTPUT_KEYS))
     fingerprint["data_digests"] = {ds.name: ds.digest for ds in datasets}
+    fingerprint["weights"] = files_stamp(model_folders(settings))
     store = PredictionStore(settings.output_dir or "", fingerprint)
     if world.is_main:
         if settings.do_predict and not settings.predict_with_generate:
             logger.info("predict_with_generate is false; Stoker generates anyway (it computes no loss)")
         store.prepare(overwrite=settings.overwrite_output_dir)
     return _Plan(datasets, store)
+
+
+def model_folders(settings: Settings) -> list[Path]:
+    """The model's folder, then each adapter's: what the weights stamp of the resume guard covers."""
+    from stoker.models.loader import adapter_paths, resolve_model_path
+
+    return [resolve_model_path(settings.model_name_or_path, settings=settings), *adapter_paths(settings).values()]
 
 
 def engine_settings(settings: Settings) -> Settings:

@@ -4,7 +4,7 @@ Layout::
 
     output_dir/
       predict_manifest.json        fingerprint of the config that produced the output (resume guard)
-      predict_parts/part-00000.jsonl   rows as they finish, one part per process; appended and flushed per row
+      predict_parts/part-00000.jsonl   rows, one part per process; appended and flushed as each chunk finishes
       generated_predictions.jsonl  the final file, in dataset order (written atomically at the end)
       predict_results.json, all_results.json
 
@@ -45,8 +45,23 @@ OUTPUT_KEYS = (
     "infer_backend", "infer_dtype", "default_system", "enable_thinking", "do_sample", "temperature", "top_p", "top_k",
     "num_beams", "max_new_tokens", "max_length", "repetition_penalty", "length_penalty", "skip_special_tokens", "seed",
     "dataset_dir", "dataset", "eval_dataset", "media_dir", "max_samples", "cutoff_len", "on_bad_row",
-    "image_max_pixels", "image_min_pixels",
+    "image_max_pixels", "image_min_pixels", "model_revision", "vllm_maxlen", "vllm_config",
 )  # fmt: skip
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".tiktoken")
+
+
+def files_stamp(folders: Sequence[Path]) -> list[list[Any]]:
+    """Name, size and modification time of the weight, config and tokenizer files in ``folders``: a model or adapter
+    retrained into the same path changes them, and nothing has to hash gigabytes at every start. (A copied model
+    gets new times, so its old output is refused rather than trusted.)"""
+    stamp: list[list[Any]] = []
+    for i, folder in enumerate(folders):
+        for file in sorted(folder.rglob("*")):
+            if file.is_file() and file.suffix in WEIGHT_SUFFIXES and ".cache" not in file.parts:
+                info = file.stat()
+                stamp.append([i, file.relative_to(folder).as_posix(), info.st_size, info.st_mtime_ns])
+    return stamp
 
 
 class PredictionStore:
@@ -162,7 +177,7 @@ class PredictionStore:
 
 
 class PartWriter:
-    """Appends records as JSON lines, flushing each one so that a killed process loses at most the row in flight."""
+    """Appends records as JSON lines and flushes each, so that a kill loses nothing this writer was given."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -197,6 +197,7 @@ class TokenLogprobOut(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
 
 
 class FunctionCallOut(BaseModel):

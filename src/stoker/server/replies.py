@@ -89,7 +89,8 @@ def resolve_reply(parse: Parse, text: str, finish_reason: str, policy: ToolPolic
             calls = calls[:1]
         for call in calls:
             call.id = call.id or f"call_{uuid.uuid4().hex[:24]}"
-        return Reply(parsed.content or None, parsed.reasoning or None, calls, "tool_calls")
+        # OpenAI ends a call the request forced by name with "stop"; only calls the model chose end with "tool_calls".
+        return Reply(parsed.content or None, parsed.reasoning or None, calls, "stop" if policy.forced else "tool_calls")
     if parsed.tool_calls:
         # Not a call this request allows: the model's text is the answer. Re-parse without tools so reasoning is
         # still split off but the call markup stays in the content.

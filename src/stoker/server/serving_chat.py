@@ -217,7 +217,7 @@ async def chat_result(
 
 
 def chat_logprobs(items: list[TokenLogprob], top: int | None) -> dict[str, Any]:
-    return {"content": [token_logprob(t, top or 0) for t in items]}
+    return {"content": [token_logprob(t, top or 0) for t in items], "refusal": None}
 
 
 def token_logprob(item: TokenLogprob, top: int) -> dict[str, Any]:

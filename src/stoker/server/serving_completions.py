@@ -66,7 +66,7 @@ def plan_completion(state: ServerState, body: CompletionRequest, request_id: str
     requests = []
     echo_texts = []
     for i, ids in enumerate(prompts):
-        fitted = state.service.fit_params(len(ids), params)  # a default max_tokens is clipped to the context
+        fitted = state.service.fit_params(len(ids), params, param="prompt")  # a default max_tokens is clipped to the context
         state.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
         suffix = f"-{i}" if len(prompts) > 1 else ""
         requests.append(GenerationRequest(prompt_ids=ids, params=replace(fitted), request_id=request_id + suffix,

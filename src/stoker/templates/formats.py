@@ -21,7 +21,7 @@ from typing import Any
 
 from stoker.templates.base import Message, ParsedReply, Template, Tool
 from stoker.templates.conversation import Turn, normalize
-from stoker.templates.tools import FORMATS, ToolFormat
+from stoker.templates.tools import FORMATS, ToolFormat, find_calls
 
 _SLOT = re.compile(r"\{(content|system|bos|eos)\}")
 
@@ -195,7 +195,7 @@ class ChatTemplate(Template):
             reasoning, text = split_reasoning(text, self.thinking)
         calls = []
         if tools_given:
-            parsed = self.tools.parse(text)
+            parsed = find_calls(self.tools, text)
             if parsed is not None:
                 text, calls = parsed
         return ParsedReply(content=text, reasoning=reasoning, tool_calls=calls)

@@ -17,7 +17,7 @@ from stoker.errors import TemplateError
 from stoker.templates.base import Message, ParsedReply, Template, Tool
 from stoker.templates.conversation import normalize, to_hf_messages
 from stoker.templates.formats import Thinking, generation_eos_ids, split_reasoning
-from stoker.templates.tools import FORMATS, ToolFormat
+from stoker.templates.tools import FORMATS, ToolFormat, find_calls
 
 
 class ChatTemplateRejected(TemplateError):
@@ -182,7 +182,7 @@ class JinjaTemplate(Template):
             reasoning, text = split_reasoning(text, self.thinking)
         calls = []
         if tools_given:
-            parsed = self.tools.parse(text)
+            parsed = find_calls(self.tools, text)
             if parsed is not None:
                 text, calls = parsed
         return ParsedReply(content=text, reasoning=reasoning, tool_calls=calls)

@@ -82,6 +82,15 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
+def find_calls(fmt: ToolFormat, text: str) -> Parsed | None:
+    """``fmt.parse(text)``, with text that defeats the JSON parser treated as no call: a model stuck repeating "[" can
+    nest deeper than Python's recursion limit, and that reply must come back as text, not as a crash."""
+    try:
+        return fmt.parse(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 class ToolFormat:
     """Base class; a family's template decides *where* the definitions go, the format decides *what* they say."""
 
