@@ -52,7 +52,7 @@ def main() -> None:
     from stoker.predict.prompts import render_rows
     from stoker.predict.runner import RankStats, engine_settings, generate_rows
     from stoker.predict.writer import PartWriter
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     model_keys: dict[str, str] = {"model_name_or_path": str(ensure_demo_models(names=["chat"])["chat"])}
     if args.model == "stories":
@@ -68,7 +68,7 @@ def main() -> None:
     rows, bad = render_rows(service, list(enumerate(data[0].examples)), cutoff_len=settings.cutoff_len)
     assert not bad, bad
     model, tokenizer = service.engine.model, service.tokenizer
-    stop_ids = rows[0].params.stop_token_ids
+    stop_ids = rows[0].request().params.stop_token_ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     prompts = [r.ids for r in rows]
 
@@ -122,7 +122,7 @@ def main() -> None:
 
     # Warm-up (allocator, kernels, lazy imports).
     generate(prompts[:2])
-    service.engine.generate_batch([r.request() for r in rows[:2]])
+    service.generate_batch([r.request() for r in rows[:2]])
 
     contenders = {"stoker": run_stoker, "generate_batched": run_batched}
     if not args.skip_one_by_one:
@@ -133,7 +133,7 @@ def main() -> None:
             result = run()
             if name not in timings or result[0] < timings[name][0]:
                 timings[name] = result
-    service.engine.close()
+    service.close()
 
     reference = timings.get("generate_one_by_one", timings["generate_batched"])[2]
     report = {}

@@ -91,7 +91,7 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_template(args: list[str]) -> int:
-    from stoker.templates.cli import main as template_main
+    from stoker.template_cli import main as template_main
 
     return template_main(args)
 

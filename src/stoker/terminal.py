@@ -11,8 +11,13 @@ import sys
 import time
 from typing import Any, TextIO
 
+from typing import TYPE_CHECKING
+
 from stoker.config import Settings
 from stoker.errors import StokerError
+
+if TYPE_CHECKING:
+    from stoker.chat import ChatService
 
 logger = logging.getLogger("stoker")
 
@@ -20,7 +25,7 @@ HELP = "Commands: 'clear' resets the history, 'exit' or Ctrl-D quits, '/system T
 
 
 def run_terminal_chat(settings: Settings, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     start = time.perf_counter()
     service = open_chat_service(settings)
@@ -28,25 +33,26 @@ def run_terminal_chat(settings: Settings, stdin: TextIO | None = None, stdout: T
     try:
         return TerminalChat(service, stdin or sys.stdin, stdout or sys.stdout).loop()
     finally:
-        service.engine.close()
+        service.close()
 
 
 class TerminalChat:
-    def __init__(self, service: Any, stdin: TextIO, stdout: TextIO):
+    def __init__(self, service: ChatService, stdin: TextIO, stdout: TextIO):
         self.service = service
         self.stdin = stdin
         self.out = stdout
         self.history: list[dict[str, Any]] = []
         self.system: str | None = None
         self.pending_images: list[Any] = []  # loaded PIL images
+        self._in_reasoning = False
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
         self.out.flush()
 
     def loop(self) -> int:
-        vision = " '/image PATH' attaches an image," if self.service.engine.info.vision else ""
-        self.say(f"Stoker chat with {self.service.model_name}. {HELP},{vision} Ctrl-C stops a reply.")
+        vision = " '/image PATH' attaches an image," if self.service.info.vision else ""
+        self.say(f"Stoker chat with {self.service.describe()}. {HELP},{vision} Ctrl-C stops a reply.")
         while True:
             self.say("User: ", end="")
             try:
@@ -80,7 +86,7 @@ class TerminalChat:
             self.answer(text)
 
     def attach_image(self, path: str) -> None:
-        if not self.service.engine.info.vision:
+        if not self.service.info.vision:
             self.say(f"Error: the model {self.service.model_name} takes no images.")
             return
         if not path:
@@ -113,19 +119,22 @@ class TerminalChat:
             if dropped:
                 self.history = [m for m in kept if m["role"] != "system"]
                 self.say(f"(history too long for the context: dropped the {dropped} oldest messages)")
-            request = service.request(kept, params)
+            chat = service.prepare(kept, params)
         except StokerError as exc:
             self.history.pop()
             self.say(f"Error: {exc.message}")
             return
         self.say("Assistant: ", end="")
-        pieces: list[str] = []
-        stream = service.stream_sync(request)
+        parser = chat.parser()
+        finish = "stop"
+        self._in_reasoning = False
+        stream = service.stream_sync(chat.request)
         try:
             for delta in stream:
-                if delta.text:
-                    pieces.append(delta.text)
-                    self.say(delta.text, end="")
+                part = parser.push(delta.text)
+                self.show(part.reasoning, part.content)
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
         except KeyboardInterrupt:
             stream.close()
             self.say(" [stopped]", end="")
@@ -133,6 +142,23 @@ class TerminalChat:
             self.say(f"\nError: {exc.message}")
             self.history.pop()
             return
+        rest, reply = parser.finish(finish)
+        self.show(rest.reasoning, rest.content)
         self.say()
-        reply = service.parse("".join(pieces), tools_given=False)
-        self.history.append({"role": "assistant", "content": reply.content})
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content or ""}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        self.history.append(message)
+
+    def show(self, reasoning: str, content: str) -> None:
+        """Reasoning as it streams, in brackets, then the answer."""
+        if reasoning:
+            if not self._in_reasoning:
+                self.say("[thinking] ", end="")
+                self._in_reasoning = True
+            self.say(reasoning, end="")
+        if content:
+            if self._in_reasoning:
+                self.say("\n[answer] ", end="")
+                self._in_reasoning = False
+            self.say(content, end="")

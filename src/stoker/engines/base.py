@@ -117,23 +117,38 @@ class Completion:
         return sum(len(c.token_ids) for c in self.choices)
 
 
+class DeltaFolder:
+    """Folds the deltas of one request's ``n`` choices, in any order, into a ``Completion``."""
+
+    def __init__(self, request_id: str, n: int):
+        self.request_id = request_id
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self.reasons: list[FinishReason] = ["length"] * n
+        self.prompt_tokens = 0
+
+    def add(self, d: Delta) -> None:
+        self.texts[d.index].append(d.text)
+        self.ids[d.index].extend(d.token_ids)
+        if d.logprobs is not None:
+            self.logprobs[d.index] = (self.logprobs[d.index] or []) + d.logprobs
+        if d.finish_reason is not None:
+            self.reasons[d.index] = d.finish_reason
+        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
+
+    def completion(self) -> Completion:
+        choices = [Choice(i, "".join(t), self.ids[i], self.reasons[i], self.logprobs[i])
+                   for i, t in enumerate(self.texts)]
+        return Completion(self.request_id, choices, self.prompt_tokens)
+
+
 def collect(deltas: Sequence[Delta] | Iterator[Delta], request_id: str, n: int) -> Completion:
     """Fold a stream of deltas into a Completion."""
-    texts = [[] for _ in range(n)]
-    ids: list[list[int]] = [[] for _ in range(n)]
-    lps: list[list[TokenLogprob] | None] = [None] * n
-    reasons: list[FinishReason] = ["length"] * n
-    prompt_tokens = 0
+    folder = DeltaFolder(request_id, n)
     for d in deltas:
-        texts[d.index].append(d.text)
-        ids[d.index].extend(d.token_ids)
-        if d.logprobs is not None:
-            lps[d.index] = (lps[d.index] or []) + d.logprobs
-        if d.finish_reason is not None:
-            reasons[d.index] = d.finish_reason
-        prompt_tokens = d.prompt_tokens or prompt_tokens
-    choices = [Choice(i, "".join(texts[i]), ids[i], reasons[i], lps[i]) for i in range(n)]
-    return Completion(request_id, choices, prompt_tokens)
+        folder.add(d)
+    return folder.completion()
 
 
 def validate_params(p: SamplingParams, where: str) -> None:
@@ -165,8 +180,9 @@ def validate_params(p: SamplingParams, where: str) -> None:
 
 
 def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max_model_len: int,
-                 vision: bool) -> list[int]:
-    """The checks every backend makes before queueing a request; returns the prompt ids as a list."""
+                 vision: bool) -> tuple[list[int], int]:
+    """The checks every backend makes before queueing a request; returns the prompt ids as a list and the new
+    tokens the context leaves room for (``max_new_tokens`` clipped to it)."""
     prompt = list(request.prompt_ids)
     if not prompt:
         raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
@@ -180,7 +196,7 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
     validate_params(request.params, where)
     if request.media and not vision:
         raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
-    return prompt
+    return prompt, min(request.params.max_new_tokens, max_model_len - len(prompt))
 
 
 def unknown_adapter(name: str, loaded: Sequence[str]) -> NotFoundError:
@@ -191,11 +207,21 @@ def unknown_adapter(name: str, loaded: Sequence[str]) -> NotFoundError:
 
 @dataclass
 class EngineInfo:
-    """What surfaces need to know about the engine's model."""
+    """What surfaces need to know about the engine and its model; none of them reads the engine's settings."""
 
     max_model_len: int  # context length: prompt + generated tokens must fit
+    max_num_seqs: int = 64  # sequences (choices) decoded together
+    max_batch_tokens: int | None = None  # prompt + new tokens of the running sequences; None: no such cap
+    max_queue: int = 256  # waiting requests beyond which a new one is refused (OverloadedError)
+    eos_ids: list[int] = field(default_factory=list)  # token ids that end every choice
     adapters: list[str] = field(default_factory=list)  # adapter names selectable per request
+    default_adapter: str | None = None  # applied to requests that name none
+    merged_adapters: list[str] = field(default_factory=list)  # folded into the weights when the model loaded
     vision: bool = False
+    # True: the request's media carry processor tensors and the prompt holds every image token (the huggingface
+    # engine). False: the engine runs the model's processor itself on the raw images (vLLM).
+    expands_images: bool = True
+    backend: str = "huggingface"
 
 
 class Engine(abc.ABC):

@@ -92,6 +92,7 @@ class HFEngine(ThreadedEngine):
         max_model_len: int | None = None,
         adapters: list[str] | None = None,
         default_adapter: str | None = None,
+        eos_ids: list[int] | None = None,
         max_prefill_tokens: int = 8192,
         cpu_matmul: str = "auto",
     ):
@@ -119,11 +120,20 @@ class HFEngine(ThreadedEngine):
         vision = is_vision_config(model.config)
         # The token a vision model's image features replace; prompts must hold exactly as many as their media fill.
         self._image_token_id = getattr(model.config, "image_token_id", None) if vision else None
-        self.info = EngineInfo(max_model_len=self.max_model_len, adapters=list(self._adapters), vision=vision)
+        if eos_ids is None:  # a model handed in directly: its own generation config decides, as in generate()
+            from stoker.models.facts import eos_token_ids
+
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos_ids = eos_token_ids({"eos_token_id": eos}, [], tokenizer)
+        self._eos_ids = sorted(set(eos_ids))
+        self.info = EngineInfo(
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
+            max_queue=self.max_queue, eos_ids=self._eos_ids, adapters=list(self._adapters),
+            default_adapter=default_adapter, vision=vision, expands_images=True, backend="huggingface",
+        )
 
         base = model.get_base_model() if self._adapters else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-        self._eos_ids = _eos_ids(model, tokenizer)
         self._token_texts = TokenTexts(tokenizer)
         self._torch = torch
         self._packed = None
@@ -192,10 +202,10 @@ class HFEngine(ThreadedEngine):
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
         where = f"request {position} ({request.request_id})" if position is not None else "the request"
         p = request.params
-        prompt = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                              vision=self.info.vision)
+        prompt, max_new = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                       vision=self.info.vision)
         if self.info.vision:
-            from stoker.media import check_prompt_images
+            from stoker.engines.hf_media import check_prompt_images
 
             check_prompt_images(prompt, request.media, self._image_token_id, where=where)
         adapter = self._default_adapter
@@ -203,7 +213,6 @@ class HFEngine(ThreadedEngine):
             if request.adapter not in self._adapters:
                 raise unknown_adapter(request.adapter, self._adapters)
             adapter = request.adapter
-        max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
         stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
         return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids,
                         media=request.media or None)
@@ -331,7 +340,7 @@ class HFEngine(ThreadedEngine):
             extra: dict[str, Any] = {}
             offsets = None
             if any(r.media for r in group):
-                from stoker.media import prefill_inputs
+                from stoker.engines.hf_media import prefill_inputs
 
                 extra, positions, offsets = prefill_inputs(
                     self.model, [r.media for r in group], input_ids, mask, positions)
@@ -482,15 +491,3 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     if isinstance(value, int) and 0 < value < 10_000_000:
         return value
     raise StokerError("cannot tell the model's context length from its config: set max_model_len (e.g. 4096).")
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    generation_config = getattr(model, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None)
-    for value in (eos, getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, (list, tuple)):
-            ids.extend(int(v) for v in value)
-    return sorted(set(ids))

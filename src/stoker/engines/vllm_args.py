@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stoker.config import Settings
 from stoker.errors import ConfigError
+from stoker.models.facts import ModelFacts
 
 logger = logging.getLogger("stoker")
 
@@ -29,60 +29,6 @@ INSTALL_HINT = (
     "pip uninstall -y torchvision torchaudio torchcodec (their CUDA-linked builds break transformers on a CPU-only "
     "torch). See docs/vllm.md, or use infer_backend: huggingface."
 )
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the engine arguments depend on, read from the model folder's config.json."""
-
-    context_length: int | None  # max_position_embeddings (or the like); None when the config does not say
-    num_attention_heads: int | None
-    eos_token_ids: list[int]  # config.json's eos_token_id, the fallback when generation_config.json has none
-    vision: bool
-    model_type: str | None = None
-
-
-def read_model_facts(path: Path) -> ModelFacts:
-    file = path / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return ModelFacts(None, None, [], False)
-    # Vision-language and other composite models keep the language model's shape in text_config.
-    text = config.get("text_config") or config
-    context = None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = text.get(key, config.get(key))
-        if isinstance(value, int) and value > 0:
-            context = value
-            break
-    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
-    return ModelFacts(
-        context_length=context,
-        num_attention_heads=heads if isinstance(heads, int) else None,
-        eos_token_ids=_ids(text.get("eos_token_id", config.get("eos_token_id"))),
-        vision=config.get("vision_config") is not None,
-        model_type=config.get("model_type"),
-    )
-
-
-def eos_token_ids(generation_config: dict[str, Any], facts: ModelFacts, tokenizer: Any) -> list[int]:
-    """The ids that end a choice, the same set the huggingface engine stops on.
-
-    transformers takes eos from generation_config.json when the model has one, else from config.json; the
-    tokenizer's eos is added on top.
-    """
-    ids = _ids(generation_config["eos_token_id"]) if "eos_token_id" in generation_config else facts.eos_token_ids
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    return sorted({*ids, *_ids(tok_eos)})
-
-
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value if isinstance(v, int)]
-    return []
 
 
 def lora_rank(path: Path) -> int | None:

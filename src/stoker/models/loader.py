@@ -6,7 +6,6 @@ Hub ids resolve from the local cache first; a download is tried only when the hu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from stoker.config import Settings
 from stoker.errors import ConfigError, ModelLoadError
+from stoker.models.facts import read_generation_config
 
 logger = logging.getLogger("stoker")
 
@@ -110,16 +110,6 @@ def load_tokenizer(settings: Settings, path: Path | None = None) -> Any:
     return tokenizer
 
 
-def read_generation_config(path: Path) -> dict[str, Any]:
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
-
-
 def adapter_paths(settings: Settings) -> dict[str, Path]:
     """Adapters named in the config, in order, keyed by a unique name (the folder name)."""
     names: list[str] = list(settings.adapter_name_or_path)
@@ -169,15 +159,22 @@ def pick_dtype(settings: Settings, device: str) -> Any:
     return torch.float32  # half precision on CPU is slow and inexact
 
 
-def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
+def load_model(
+    settings: Settings,
+    *,
+    path: Path | None = None,
+    adapters: dict[str, Path] | None = None,
+    merge: bool | None = None,
+) -> LoadedModel:
     """Load the base model and apply the config's adapters.
 
-    ``merge``: fold the adapters into the weights (fast, fixed) or keep them as named peft adapters that a request
-    can select. Default: ``settings.merge_adapters``.
+    ``path`` and ``adapters``: already resolved (by default from the settings). ``merge``: fold the adapters into the
+    weights (fast, fixed) or keep them as named peft adapters that a request can select. Default:
+    ``settings.merge_adapters``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(settings.model_name_or_path, settings=settings)
+    path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
     tokenizer = load_tokenizer(settings, path)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
@@ -200,7 +197,7 @@ def load_model(settings: Settings, *, merge: bool | None = None) -> LoadedModel:
     model.to(device)
     model.eval()  # the engines run under torch.inference_mode; grad mode is left alone for the caller
 
-    adapters = adapter_paths(settings)
+    adapters = adapter_paths(settings) if adapters is None else adapters
     merge = settings.merge_adapters if merge is None else merge
     if adapters:
         model = apply_adapters(model, adapters, merge=merge)

@@ -28,12 +28,18 @@ MODEL_CLASSES = {
 def is_vision_config(config: Any, settings: Settings | None = None) -> bool:
     """Whether ``config`` describes a vision-language model; with ``settings``, checks ``visual_inputs`` agrees."""
     vision = getattr(config, "vision_config", None) is not None
-    if settings is not None and settings.visual_inputs and not vision:
+    if settings is not None:
+        check_visual_inputs(settings, vision=vision)
+    return vision
+
+
+def check_visual_inputs(settings: Settings, *, vision: bool) -> None:
+    """``visual_inputs: true`` on a text-only model is an error rather than a silent no-op."""
+    if settings.visual_inputs and not vision:
         raise ConfigError(
             f"visual_inputs is true but {settings.model_name_or_path!r} is a text-only model (its config has no "
             "vision_config): remove visual_inputs, or point model_name_or_path at a vision-language model."
         )
-    return vision
 
 
 def load_processor(path: Path, settings: Settings) -> Any:

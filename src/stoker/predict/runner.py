@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stoker.chat import ChatService, Completion
 from stoker.config import Settings
 from stoker.errors import ConfigError, DataError
 from stoker.predict.data import BadRow, EvalDataset, load_datasets
@@ -93,13 +94,13 @@ def predict(settings: Settings, world: World) -> int:
             if not mine:
                 return None, [], []
             pin_gpu(world)
-            from stoker.runtime import open_chat_service
+            from stoker.chat import open_chat_service
 
             svc = open_chat_service(engine_settings(settings))
             try:
                 rows, bad = render_rows(svc, mine, cutoff_len=settings.cutoff_len)
             except BaseException:
-                svc.engine.close()
+                svc.close()
                 raise
             return svc, rows, bad
 
@@ -129,7 +130,7 @@ def predict(settings: Settings, world: World) -> int:
         return 2
     finally:
         if service is not None:
-            service.engine.close()
+            service.close()
         group.close()
         if quiet:
             logger.setLevel(level)
@@ -205,25 +206,21 @@ def _log_plan(datasets: Sequence[EvalDataset], done: set[RowKey], world: World) 
 
 
 def generate_rows(
-    service: Any, rows: list[RenderedRow], part: PartWriter, stats: RankStats, *, show_progress: bool = False
+    service: ChatService, rows: list[RenderedRow], part: PartWriter, stats: RankStats, *, show_progress: bool = False
 ) -> None:
     """Generate ``rows`` and append each finished chunk to ``part``; see the module docstring."""
-    engine = service.engine
-    decode = service.tokenizer.decode
     # Shortest prompt first: the engine prefills the rows it admits together, padded to the longest of them, and
     # rows of similar length pad little. (Longest first would pad the whole first wave, which spans the long tail of
     # prompt lengths, to the longest prompt of the dataset.)
     rows = sorted(rows, key=lambda r: (len(r.ids), r.position))
-    chunk = max(1, int(getattr(engine, "max_num_seqs", 0) or service.settings.max_num_seqs))
+    chunk = max(1, service.info.max_num_seqs)
     chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     progress = _progress(len(rows), show_progress)
     started = time.perf_counter()
 
     def write(batch: list[RenderedRow], completions: list[Any]) -> None:
         for row, completion in zip(batch, completions):
-            ex = row.example
-            part.write({"prompt": decode(row.ids, skip_special_tokens=False), "predict": completion.choices[0].text,
-                        "label": ex.label or "", "dataset": ex.dataset, "index": ex.index})  # fmt: skip
+            part.write(prediction_record(service, row, completion))
             stats.rows += 1
             stats.prompt_tokens += len(row.ids)
             stats.completion_tokens += completion.completion_tokens
@@ -232,7 +229,7 @@ def generate_rows(
         progress(len(batch), f"{stats.completion_tokens / elapsed:.0f} tok/s")
 
     def submit(pool: ThreadPoolExecutor, batch: list[RenderedRow]) -> Future[list[Any]]:
-        return pool.submit(engine.generate_batch, [r.request() for r in batch])
+        return pool.submit(service.generate_batch, [r.request() for r in batch])
 
     pool = ThreadPoolExecutor(max_workers=CHUNKS_IN_FLIGHT, thread_name_prefix="stoker-predict")
     pending = iter(chunks)
@@ -251,11 +248,28 @@ def generate_rows(
                 if following is not None:
                     running[submit(pool, following)] = following
     except BaseException:
-        engine.close()  # frees the threads blocked in generate_batch; finished chunks are already saved
+        service.close()  # frees the threads blocked in generate_batch; finished chunks are already saved
         raise
     finally:
         progress(0, None, close=True)
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def prediction_record(service: ChatService, row: RenderedRow, completion: Completion) -> dict[str, Any]:
+    """One line of generated_predictions.jsonl: LLaMA-Factory's prompt, predict and label, plus where the row came
+    from. ``predict`` is the generated text as is (what labels are scored against); when the chat service's reply
+    parser finds reasoning or tool calls in it, they are added as ``reasoning`` and ``tool_calls`` (name and
+    arguments: no call ids, so a rerun writes the same file)."""
+    ex = row.example
+    choice = completion.choices[0]
+    record: dict[str, Any] = {"prompt": service.prompt_text(row.ids), "predict": choice.text, "label": ex.label or "",
+                              "dataset": ex.dataset, "index": ex.index}
+    reply = row.chat.reply(choice.text, choice.finish_reason)
+    if reply.reasoning:
+        record["reasoning"] = reply.reasoning
+    if reply.tool_calls:
+        record["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+    return record
 
 
 def _progress(total: int, show: bool) -> Callable[..., None]:

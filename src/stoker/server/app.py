@@ -50,8 +50,8 @@ _STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "strin
 
 
 def create_app(service: ChatService, settings: Settings) -> FastAPI:
-    """The app over an opened chat service: ``runtime.open_chat_service(settings, per_request_adapters=True)``."""
-    from stoker.runtime import served_model_name
+    """The app over an opened chat service: ``chat.open_chat_service(settings, per_request_adapters=True)``."""
+    from stoker.chat import served_model_name
 
     state = ServerState(service=service, settings=settings, base_model=served_model_name(settings))
     app = FastAPI(
@@ -88,7 +88,7 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        text = state.metrics.render(service.engine.stats())
+        text = state.metrics.render(service.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_mb * 1024**2)
@@ -113,7 +113,7 @@ def run_api(settings: Settings) -> int:
     """Load the model, serve until Ctrl-C / SIGTERM, then release the engine. Returns the exit code."""
     import uvicorn
 
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     # Bind before loading the model: a busy port should fail in a second, not after the load.
     sock = _bind(settings.api_host, settings.api_port)
@@ -138,7 +138,7 @@ def run_api(settings: Settings) -> int:
         )
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        service.engine.close()
+        service.close()
         sock.close()
     return 0
 

@@ -1,4 +1,8 @@
-"""``POST /v1/chat/completions``: plan the request, run it on the engine, answer whole or as server-sent events."""
+"""``POST /v1/chat/completions``: map the request onto the chat service, run it, answer whole or as server-sent events.
+
+The chat service builds the prompt and reads the reply (``chat.replies``); this module only translates OpenAI's
+fields on the way in and OpenAI's message shapes on the way out.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
-from stoker.engines.detokenize import decode
+from stoker.chat import (
+    Delta,
+    PreparedChat,
+    ReplyDelta,
+    TokenLogprob,
+    ToolPolicy,
+    check_json_mode,
+    tool_call_dicts,
+    tool_policy,
+)
 from stoker.errors import RequestError
 from stoker.server.protocol import (
     LOGPROB_FLOOR,
@@ -23,33 +35,19 @@ from stoker.server.protocol import (
     sse,
     usage,
 )
-from stoker.server.replies import (
-    Parse,
-    ReplyDelta,
-    ReplyStreamer,
-    ToolPolicy,
-    reasoning_prefix,
-    resolve_reply,
-    stream_markers,
-    tool_call_dicts,
-)
 from stoker.server.state import ServerState
 from stoker.server.streams import StreamTally, respond, sse_answer
 
 
-REQUIRED_NOTE = "Answer by calling one or more of the provided tools."
-NAMED_NOTE = "Answer by calling the tool {name!r}."
-JSON_NOTE = "Reply with one valid JSON object and nothing else."
-
-
 @dataclass
 class ChatPlan:
-    request: GenerationRequest
-    parse: Parse  # the template's reply parser, seeing the reply as the template does
-    policy: ToolPolicy
-    json_mode: bool
+    chat: PreparedChat
     top_logprobs: int | None  # None: no logprobs
     include_usage: bool
+
+    @property
+    def n(self) -> int:
+        return self.chat.request.params.n
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Response:
@@ -57,80 +55,49 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     request_id = "chatcmpl-" + http.state.request_id
     plan = plan_chat(state, body, request_id)
     return await respond(
-        http, state.metrics, state.service.engine, [plan.request], started=started, stream=body.stream,
+        http, state.metrics, state.service, [plan.chat.request], started=started, stream=body.stream,
         events=lambda streams: chat_events(state, plan, streams[0], request_id, body.model),
         result=lambda streams: chat_result(state, plan, streams[0], request_id, body.model),
     )
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Planning: request fields -> prompt, sampling parameters and the rules to apply to the reply
+# Planning: request fields -> the chat service's request
 # --------------------------------------------------------------------------------------------------------------------
 def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str) -> ChatPlan:
     adapter = state.adapter_for(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true.", param="top_logprobs")
-    policy = tool_policy(body)
+    policy = policy_of(body)
     json_mode = json_mode_of(body)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    notes = []
-    if policy.mode == "required":
-        notes.append(REQUIRED_NOTE)
-    elif policy.mode == "named":
-        notes.append(NAMED_NOTE.format(name=policy.forced))
     if json_mode:
-        notes.append(JSON_NOTE)
-    if notes:
-        messages = with_system_note(messages, " ".join(notes), state.settings.default_system)
-
+        check_json_mode(messages)
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = state.sampling_params(body, max_tokens=requested, logprobs=top)
     thinking = (body.chat_template_kwargs or {}).get("enable_thinking")
-    gen = state.service.request(
+    chat = state.service.prepare(
         messages,
         params,
-        tools=policy.tools if policy.active else None,
+        tools=policy,
+        json_mode=json_mode,
         adapter=adapter,
         enable_thinking=thinking if isinstance(thinking, bool) else None,
         request_id=request_id,
     )
-    state.check_budget(len(gen.prompt_ids), gen.params, requested, param)
+    state.service.check_budget(len(chat.request.prompt_ids), chat.request.params, requested, param)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(gen, reply_parser(state, gen.prompt_ids), policy, json_mode, top, include_usage)
+    return ChatPlan(chat, top, include_usage)
 
 
-def reply_parser(state: ServerState, prompt_ids: list[int]) -> Parse:
-    service = state.service
-    prefix = reasoning_prefix(service.template, decode(service.tokenizer, prompt_ids[-8:], False))
-    if not prefix:
-        return service.parse
-    return lambda text, *, tools_given: service.parse(prefix + text, tools_given=tools_given)
-
-
-def tool_policy(body: ChatCompletionRequest) -> ToolPolicy:
+def policy_of(body: ChatCompletionRequest) -> ToolPolicy:
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-    names = [t["function"]["name"] for t in tools]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise RequestError(f"tools name the same function more than once: {dupes}; give each a unique name.",
-                           param="tools")
     choice = body.tool_choice
-    parallel = body.parallel_tool_calls is not False
-    if choice is not None and choice != "none" and not tools:
-        raise RequestError("tool_choice is set but no tools were given: send tools, or drop tool_choice.",
-                           param="tool_choice")
-    if choice == "none" or not tools:
-        return ToolPolicy("none")
     if isinstance(choice, NamedToolChoice):
-        name = choice.function.name
-        if name not in names:
-            raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools: {names}.",
-                               param="tool_choice")
-        # Only the forced function is shown to the model: nothing else may be called.
-        return ToolPolicy("named", [t for t in tools if t["function"]["name"] == name], forced=name, parallel=parallel)
-    return ToolPolicy("required" if choice == "required" else "auto", tools, parallel=parallel)
+        return tool_policy(tools, None, forced=choice.function.name, parallel=body.parallel_tool_calls is not False)
+    return tool_policy(tools, choice, parallel=body.parallel_tool_calls is not False)
 
 
 def json_mode_of(body: ChatCompletionRequest) -> bool:
@@ -143,27 +110,7 @@ def json_mode_of(body: ChatCompletionRequest) -> bool:
             "the messages.",
             param="response_format",
         )
-    # OpenAI's rule: a model not told to write JSON may emit whitespace forever when forced into it.
-    if "json" not in " ".join(m.model_dump_json(include={"content"}) for m in body.messages).lower():
-        raise RequestError(
-            "response_format json_object needs the word 'JSON' in the messages: ask the model for JSON there.",
-            param="messages",
-        )
     return True
-
-
-def with_system_note(messages: list[dict[str, Any]], note: str, default_system: str | None) -> list[dict[str, Any]]:
-    """Append ``note`` to the system message, creating one (from the config's default system prompt) if needed."""
-    if messages and messages[0].get("role") in ("system", "developer"):
-        first = dict(messages[0])
-        content = first.get("content")
-        if isinstance(content, list):
-            first["content"] = [*content, {"type": "text", "text": "\n\n" + note}]
-        else:
-            first["content"] = f"{content}\n\n{note}" if content else note
-        return [first, *messages[1:]]
-    system = f"{default_system}\n\n{note}" if default_system else note
-    return [{"role": "system", "content": system}, *messages]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -172,47 +119,29 @@ def with_system_note(messages: list[dict[str, Any]], note: str, default_system: 
 async def chat_result(
     state: ServerState, plan: ChatPlan, stream: AsyncIterator[Delta], request_id: str, model: str
 ) -> dict[str, Any]:
-    n = plan.request.params.n
-    texts: list[list[str]] = [[] for _ in range(n)]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    finish: list[str] = ["length"] * n
-    completion_tokens = [0] * n
-    prompt_tokens = len(plan.request.prompt_ids)
-    async with contextlib.aclosing(stream):  # type: ignore[type-var]
-        async for delta in stream:
-            texts[delta.index].append(delta.text)
-            if delta.logprobs:
-                logprobs[delta.index].extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                finish[delta.index] = delta.finish_reason
-                completion_tokens[delta.index] = delta.completion_tokens
-            prompt_tokens = delta.prompt_tokens or prompt_tokens
+    completion = await state.service.complete(stream, plan.chat.request)
+    prompt_tokens = completion.prompt_tokens or len(plan.chat.request.prompt_ids)
     choices = []
     reasons = []
-    for i in range(n):
-        reply = resolve_reply(plan.parse, "".join(texts[i]), finish[i], plan.policy, plan.json_mode)
+    for choice in completion.choices:
+        reply = plan.chat.reply(choice.text, choice.finish_reason)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.reasoning:
             message["reasoning_content"] = reply.reasoning
         if reply.tool_calls:
             message["tool_calls"] = tool_call_dicts(reply.tool_calls)
-        choices.append(
-            {
-                "index": i,
-                "message": message,
-                "logprobs": chat_logprobs(logprobs[i], plan.top_logprobs) if plan.top_logprobs is not None else None,
-                "finish_reason": reply.finish_reason,
-            }
-        )
+        logprobs = chat_logprobs(choice.logprobs or [], plan.top_logprobs) if plan.top_logprobs is not None else None
+        choices.append({"index": choice.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": reply.finish_reason})
         reasons.append(reply.finish_reason)
-    state.metrics.generation_done(prompt_tokens, sum(completion_tokens), reasons)
+    state.metrics.generation_done(prompt_tokens, completion.completion_tokens, reasons)
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, sum(completion_tokens)),
+        "usage": usage(prompt_tokens, completion.completion_tokens),
     }
 
 
@@ -239,27 +168,21 @@ def chat_events(
     state: ServerState, plan: ChatPlan, stream: AsyncIterator[Delta], request_id: str, model: str
 ) -> AsyncIterator[str]:
     created = int(time.time())
-    tally = StreamTally(plan.request.params.n, len(plan.request.prompt_ids))
+    tally = StreamTally(plan.n, len(plan.chat.request.prompt_ids))
 
     def usage_event(counts: dict[str, int]) -> str:
         return sse(chat_chunk(request_id, created, model, [], with_usage=True, usage_counts=counts))
 
-    events = _chat_deltas(state, plan, stream, tally, lambda choices: sse(
+    events = _chat_deltas(plan, stream, tally, lambda choices: sse(
         chat_chunk(request_id, created, model, choices, with_usage=plan.include_usage)))
     return sse_answer(events, tally, state.metrics, request_id, usage_event if plan.include_usage else None)
 
 
 async def _chat_deltas(
-    state: ServerState, plan: ChatPlan, stream: AsyncIterator[Delta], tally: StreamTally,
-    chunk: Callable[[list[dict[str, Any]]], str],
+    plan: ChatPlan, stream: AsyncIterator[Delta], tally: StreamTally, chunk: Callable[[list[dict[str, Any]]], str],
 ) -> AsyncIterator[str]:
-    n = plan.request.params.n
-    reasoning_markers, tool_markers = stream_markers(state.service.template, plan.policy)
-    streamers = [
-        ReplyStreamer(plan.parse, plan.policy, reasoning_markers=reasoning_markers, tool_markers=tool_markers,
-                      json_mode=plan.json_mode)
-        for _ in range(n)
-    ]
+    n = plan.n
+    parsers = [plan.chat.parser() for _ in range(n)]
     tool_index = [0] * n
 
     def delta_body(part: ReplyDelta, index: int) -> dict[str, Any]:
@@ -281,7 +204,7 @@ async def _chat_deltas(
     async with contextlib.aclosing(stream):  # type: ignore[type-var]
         async for delta in stream:
             i = delta.index
-            part = streamers[i].push(delta.text)
+            part = parsers[i].push(delta.text)
             lp = None
             if plan.top_logprobs is not None and delta.logprobs:
                 lp = chat_logprobs(delta.logprobs, plan.top_logprobs)
@@ -289,9 +212,9 @@ async def _chat_deltas(
                 yield chunk([chat_chunk_choice(i, delta_body(part, i), logprobs=lp)])
             if delta.finish_reason is None:
                 continue
-            rest, reason = streamers[i].finish(delta.finish_reason)
+            rest, reply = parsers[i].finish(delta.finish_reason)
             if rest:
                 yield chunk([chat_chunk_choice(i, delta_body(rest, i))])
-            yield chunk([chat_chunk_choice(i, {}, finish_reason=reason)])
+            yield chunk([chat_chunk_choice(i, {}, finish_reason=reply.finish_reason)])
             tally.prompt_tokens = delta.prompt_tokens or tally.prompt_tokens
-            tally.finished(reason, delta.completion_tokens)
+            tally.finished(reply.finish_reason, delta.completion_tokens)

@@ -16,8 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from stoker.engines.base import Delta, GenerationRequest, TokenLogprob
-from stoker.engines.detokenize import decode
+from stoker.chat import Delta, GenerationRequest, TokenLogprob
 from stoker.errors import RequestError
 from stoker.server.protocol import (
     LOGPROB_FLOOR,
@@ -44,7 +43,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http: R
     request_id = "cmpl-" + http.state.request_id
     plan = plan_completion(state, body, request_id)
     return await respond(
-        http, state.metrics, state.service.engine, plan.requests, started=started, stream=body.stream,
+        http, state.metrics, state.service, plan.requests, started=started, stream=body.stream,
         events=lambda streams: completion_events(state, plan, streams, request_id, body.model),
         result=lambda streams: completion_result(state, plan, streams, request_id, body.model),
     )
@@ -59,40 +58,21 @@ def plan_completion(state: ServerState, body: CompletionRequest, request_id: str
     if body.echo and body.logprobs is not None:
         raise RequestError("echo with logprobs would need prompt logprobs, which this server does not compute: "
                            "drop one of them.", param="logprobs")
-    tokenizer = state.service.tokenizer
-    prompts = prompt_token_lists(tokenizer, body.prompt)
+    service = state.service
+    prompts = service.tokenize_prompts(body.prompt)
     explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
     params = state.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
     requests = []
     echo_texts = []
     for i, ids in enumerate(prompts):
-        fitted = state.service.fit_params(len(ids), params, param="prompt")  # a default max_tokens is clipped to the context
-        state.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
+        fitted = service.fit_params(len(ids), params, param="prompt")  # a default max_tokens is clipped to the context
+        service.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
         suffix = f"-{i}" if len(prompts) > 1 else ""
         requests.append(GenerationRequest(prompt_ids=ids, params=replace(fitted), request_id=request_id + suffix,
                                           adapter=adapter))
-        echo_texts.append(decode(tokenizer, ids, True) if body.echo else "")
+        echo_texts.append(service.decode(ids) if body.echo else "")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return CompletionPlan(requests, echo_texts, body.n, body.logprobs, include_usage)
-
-
-def prompt_token_lists(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if prompt and isinstance(prompt[0], int):
-        prompt = [prompt]  # type: ignore[list-item]
-    out: list[list[int]] = []
-    for i, item in enumerate(prompt):
-        if isinstance(item, str):
-            if not item:
-                raise RequestError(f"prompt[{i}] is empty: send some text.", param="prompt")
-            ids = list(tokenizer(item)["input_ids"])
-            if not ids:
-                raise RequestError(f"prompt[{i}] tokenizes to nothing: send some text.", param="prompt")
-            out.append(ids)
-        else:
-            out.append(list(item))  # token ids; the engine checks they are in the vocabulary
-    return out
 
 
 async def completion_result(

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stoker.engines.base import MIN_TEMPERATURE, SamplingParams
+from stoker.chat import MIN_TEMPERATURE, SamplingParams
 from stoker.errors import NotFoundError, RequestError
 from stoker.server.metrics import ServerMetrics
 from stoker.server.protocol import ModelCard
@@ -36,7 +36,7 @@ class ServerState:
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.service.engine.info.adapters)
+        return list(self.service.info.adapters)
 
     def model_cards(self) -> list[ModelCard]:
         cards = [ModelCard(id=self.base_model, created=self.created)]
@@ -63,9 +63,10 @@ class ServerState:
             raise RequestError("logit_bias is not supported by this server: remove it.", param="logit_bias")
         if body.stream_options is not None and not body.stream:
             raise RequestError("stream_options is only allowed when stream is true.", param="stream_options")
-        if body.n > self.settings.max_num_seqs:
+        max_num_seqs = self.service.info.max_num_seqs
+        if body.n > max_num_seqs:
             raise RequestError(
-                f"n={body.n} is more than this server runs at once (max_num_seqs={self.settings.max_num_seqs}): "
+                f"n={body.n} is more than this server runs at once (max_num_seqs={max_num_seqs}): "
                 "ask for fewer choices.",
                 param="n",
             )
@@ -84,26 +85,3 @@ class ServerState:
             stop=[s for s in stop if s] or None,
             logprobs=logprobs,
         )
-
-    def check_budget(self, prompt_tokens: int, params: SamplingParams, requested: int | None, param: str) -> None:
-        """Refuse a ``max_tokens`` that the context cannot hold (OpenAI errors; it does not clip), and a request
-        whose tokens in flight exceed the server's cap."""
-        room = self.service.max_model_len - prompt_tokens
-        if self.settings.max_length is not None:
-            room = min(room, self.settings.max_length - prompt_tokens)
-        if requested is not None and requested > room:
-            raise RequestError(
-                f"{param}={requested} is more than the context has left: the prompt takes {prompt_tokens} of the "
-                f"model's {self.service.max_model_len} tokens, leaving {max(room, 0)}. Ask for at most "
-                f"{max(room, 0)} tokens, or shorten the prompt.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        in_flight = params.n * (prompt_tokens + params.max_new_tokens)
-        if in_flight > self.settings.max_batch_tokens:
-            raise RequestError(
-                f"this request needs n x (prompt + {param}) = {params.n} x ({prompt_tokens} + "
-                f"{params.max_new_tokens}) = {in_flight} tokens in flight, more than the server's cap "
-                f"(max_batch_tokens={self.settings.max_batch_tokens}): lower n or {param}.",
-                param=param,
-            )

@@ -1,6 +1,6 @@
 """Async plumbing between engine streams and HTTP: admission before headers, merging, and client disconnects.
 
-Cancellation contract (``engines.base``): closing an engine stream, or cancelling the task that iterates it, aborts
+Cancellation contract (the engine's, through ``ChatService.stream``): closing an engine stream, or cancelling the task that iterates it, aborts
 the request and frees its slot. Everything here therefore closes streams explicitly (``aclosing``) instead of
 leaving them to the garbage collector.
 """
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from stoker.engines.base import Delta, Engine, GenerationRequest
+from stoker.chat import ChatService, Delta, GenerationRequest
 from stoker.errors import StokerError
 from stoker.server.errors import sse_error
 from stoker.server.metrics import ServerMetrics
@@ -35,7 +35,7 @@ Streams = list[AsyncIterator[Delta]]
 async def respond(
     http: Request,
     metrics: ServerMetrics,
-    engine: Engine,
+    service: ChatService,
     requests: Sequence[GenerationRequest],
     *,
     started: float,
@@ -45,7 +45,7 @@ async def respond(
 ) -> Response:
     """The shape every generation route shares: admit the requests (an error here is an HTTP status), then answer
     as server-sent ``events`` or as one JSON ``result``. A client that leaves first gets its slots freed."""
-    present, streams = await until_disconnected(http, admitted_streams(engine, requests))
+    present, streams = await until_disconnected(http, admitted_streams(service, requests))
     if not present or streams is None:
         metrics.aborted += 1
         return Response(status_code=CLIENT_CLOSED)
@@ -109,13 +109,13 @@ async def sse_answer(
     yield SSE_DONE
 
 
-async def admitted_stream(engine: Engine, request: GenerationRequest) -> AsyncIterator[Delta]:
+async def admitted_stream(service: ChatService, request: GenerationRequest) -> AsyncIterator[Delta]:
     """Start ``request`` and wait for its first delta, then return a stream of all its deltas.
 
     Waiting for the first delta means a full queue (429) or an impossible request (400) is an HTTP status, not an
     error event after a 200 header.
     """
-    stream = engine.stream(request)
+    stream = service.stream(request)
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
@@ -138,10 +138,10 @@ async def _prepend(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[De
             yield delta
 
 
-async def admitted_streams(engine: Engine, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+async def admitted_streams(service: ChatService, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[Delta]]:
     """``admitted_stream`` for several requests at once. If one fails, or the caller is cancelled, every stream
     already started is closed (aborting its request) before the error propagates."""
-    tasks = [asyncio.ensure_future(admitted_stream(engine, r)) for r in requests]
+    tasks = [asyncio.ensure_future(admitted_stream(service, r)) for r in requests]
     try:
         await asyncio.wait(tasks)
     except BaseException:

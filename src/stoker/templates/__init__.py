@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from stoker.errors import TemplateError
+from stoker.models.facts import folder_eos_ids
 from stoker.templates.base import Message, ParsedReply, Template, Tool, ToolCall
-from stoker.templates.formats import generation_eos_ids
 from stoker.templates.mismatch import check_template_mismatch
 from stoker.templates.registry import TEMPLATES
 
@@ -32,10 +32,12 @@ def get_template(
     """The template called ``name``; ``None`` or ``"auto"`` renders with the tokenizer's own chat_template.
 
     Stop ids are the tokenizer's eos, the family's end-of-turn tokens, and ``extra_stop_ids`` (by default the eos
-    ids of the generation_config.json beside a tokenizer loaded from a folder).
+    ids of the model folder a tokenizer was loaded from, by the rule every engine stops on).
     """
     key = (name or AUTO).strip()
-    stops = list(extra_stop_ids) if extra_stop_ids is not None else generation_eos_ids(tokenizer)
+    if extra_stop_ids is None:
+        extra_stop_ids = folder_eos_ids(getattr(tokenizer, "name_or_path", None), tokenizer)
+    stops = list(extra_stop_ids)
     if key == AUTO:
         if tokenizer is None:
             raise TemplateError(

@@ -8,39 +8,34 @@ Messages are dicts in OpenAI's shape: ``{"role": "system"|"user"|"assistant"|"to
 assistant messages may carry ``tool_calls`` (``[{"id", "type": "function", "function": {"name", "arguments"}}]``)
 and ``reasoning_content``; tool messages may carry ``tool_call_id`` and ``name``. Content is always a string by
 the time it reaches a template (the chat service flattens content parts and places image tokens).
+
+A template's reply formats are two objects it holds: ``tools`` (a ``ToolFormat``) and ``thinking`` (a ``Thinking``
+block, or None). Each owns its whole-text parse and the markers a streaming reply is watched for.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, Any]
-Tool = dict[str, Any]  # OpenAI tool definition: {"type": "function", "function": {"name", "description", "parameters"}}
+from stoker.templates.reasoning import Thinking
+from stoker.templates.tools import ToolFormat, find_calls
+from stoker.templates.types import Message, ParsedReply, Tool, ToolCall
 
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # JSON text of the arguments object
-    id: str = ""
-
-
-@dataclass
-class ParsedReply:
-    content: str
-    reasoning: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
+__all__ = ["Message", "ParsedReply", "Template", "Thinking", "Tool", "ToolCall", "ToolFormat"]
 
 
 class Template(abc.ABC):
     name: str
+    description: str = ""
     default_system: str | None = None
     # Strings that end a reply; the engine cuts the text before them.
     stop_words: list[str] = []
     # The placeholder a vision family expects in text where an image goes, or None for text-only families.
     image_token: str | None = None
+    eos_token: str = ""  # the tokenizer's eos as text, cut from a reply that still holds it
+    tools: ToolFormat  # how tool definitions and calls are written, and how calls are found in a reply
+    thinking: Thinking | None = None  # the reasoning block, for families that think before answering
 
     @abc.abstractmethod
     def render(
@@ -69,6 +64,32 @@ class Template(abc.ABC):
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end a reply (eos and the family's end-of-turn tokens)."""
 
-    @abc.abstractmethod
+    @property
+    def tool_call_markers(self) -> tuple[str, ...]:
+        """Text that opens a tool call in a reply; empty when the format has none (then a call may start anywhere)."""
+        return self.tools.markers
+
+    @property
+    def reasoning_markers(self) -> tuple[str, ...]:
+        """The strings that open and close a reasoning block; empty for families that do not think aloud."""
+        return self.thinking.markers if self.thinking is not None else ()
+
     def parse_reply(self, text: str, *, tools_given: bool = False) -> ParsedReply:
         """Split generated text into reasoning, content and tool calls. Invalid tool JSON stays plain content."""
+        text = self.cut_stops(text)
+        reasoning = None
+        if self.thinking is not None:
+            reasoning, text = self.thinking.split(text)
+        calls: list[ToolCall] = []
+        if tools_given:
+            parsed = find_calls(self.tools, text)
+            if parsed is not None:
+                text, calls = parsed
+        return ParsedReply(content=text, reasoning=reasoning, tool_calls=calls)
+
+    def cut_stops(self, text: str) -> str:
+        """Cut at the first stop word and at eos, in case the engine left them in the text."""
+        for word in (*self.stop_words, self.eos_token):
+            if word and word in text:
+                text = text[: text.index(word)]
+        return text

@@ -107,6 +107,16 @@ def _calls(raw: Any, *, where: str) -> tuple[Call, ...]:
     return tuple(calls)
 
 
+def canonical_role(msg: dict[str, Any], where: str) -> str:
+    """The message's role as one of ``ROLES`` (aliases mapped), or a ``TemplateError`` naming the message."""
+    role = msg.get("role")
+    role = ROLE_ALIASES.get(role, role)
+    if role not in ROLES:
+        raise TemplateError(f"{where} has unknown role {msg.get('role')!r}; expected one of {', '.join(ROLES)}.",
+                            param="messages")
+    return role
+
+
 def normalize(messages: list[dict[str, Any]], *, image_token: str | None = None) -> list[Turn]:
     if not isinstance(messages, list) or not messages:
         raise TemplateError("messages must be a non-empty list of {'role', 'content'} objects.")
@@ -115,10 +125,7 @@ def normalize(messages: list[dict[str, Any]], *, image_token: str | None = None)
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise TemplateError(f"{where} must be an object with 'role' and 'content'.")
-        role = msg.get("role")
-        role = ROLE_ALIASES.get(role, role)
-        if role not in ROLES:
-            raise TemplateError(f"{where} has unknown role {msg.get('role')!r}; expected one of {', '.join(ROLES)}.")
+        role = canonical_role(msg, where)
         content = msg.get("content")
         calls = _calls(msg.get("tool_calls"), where=where) if role == "assistant" else ()
         reasoning = msg.get("reasoning_content")

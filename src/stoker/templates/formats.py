@@ -12,16 +12,15 @@ writes literally (``<|im_end|>``) are literal here too.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from stoker.templates.base import Message, ParsedReply, Template, Tool
+from stoker.templates.base import Message, Template, Tool
 from stoker.templates.conversation import Turn, normalize
-from stoker.templates.tools import FORMATS, ToolFormat, find_calls
+from stoker.templates.reasoning import Thinking
+from stoker.templates.tools import FORMATS, ToolFormat
 
 _SLOT = re.compile(r"\{(content|system|bos|eos)\}")
 
@@ -55,15 +54,6 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Thinking:
-    """A reasoning block: where it starts and ends, and what closes it in the prompt when thinking is off."""
-
-    open: str = "<think>"
-    close: str = "</think>"
-    off: str = "<think>\n\n</think>\n\n"
-
-
-@dataclass(frozen=True)
 class Official:
     """An official template in ``shared/chat_templates`` this family is proven byte-identical against.
 
@@ -78,18 +68,6 @@ class Official:
     aspects: frozenset[str] | None = None
     deviations: Mapping[str, str] = field(default_factory=dict)
     arguments: str = "object"
-
-
-def split_reasoning(text: str, thinking: Thinking) -> tuple[str | None, str]:
-    """(reasoning, content) the way Qwen3's template splits a reply; an unclosed block is all reasoning."""
-    open_, close = thinking.open.strip(), thinking.close.strip()
-    if close in text:
-        head, _, tail = text.partition(close)
-        return head.rstrip("\n").split(open_)[-1].lstrip("\n"), tail.lstrip("\n")
-    if open_ in text:
-        head, _, tail = text.partition(open_)
-        return tail.strip("\n"), head
-    return None, text
 
 
 class ChatTemplate(Template):
@@ -129,15 +107,6 @@ class ChatTemplate(Template):
 
     def __repr__(self) -> str:
         return f"<template {self.name}>"
-
-    # --- what surfaces read --------------------------------------------------------------------------------------
-    @property
-    def tool_call_markers(self) -> tuple[str, ...]:
-        return self.tools.markers
-
-    @property
-    def reasoning_markers(self) -> tuple[str, ...]:
-        return (self.thinking.open.strip(), self.thinking.close.strip()) if self.thinking else ()
 
     def bind(self, tokenizer: Any | None, *, extra_stop_ids: Sequence[int] = ()) -> ChatTemplate:
         """A copy writing this tokenizer's bos/eos text (what its Jinja template sees as bos_token/eos_token)."""
@@ -187,18 +156,6 @@ class ChatTemplate(Template):
                 ids.append(token_id)
         ids += self.extra_stop_ids
         return list(dict.fromkeys(ids))
-
-    def parse_reply(self, text: str, *, tools_given: bool = False) -> ParsedReply:
-        text = self._cut_stops(text)
-        reasoning = None
-        if self.thinking is not None:
-            reasoning, text = split_reasoning(text, self.thinking)
-        calls = []
-        if tools_given:
-            parsed = find_calls(self.tools, text)
-            if parsed is not None:
-                text, calls = parsed
-        return ParsedReply(content=text, reasoning=reasoning, tool_calls=calls)
 
     # --- rendering hooks -----------------------------------------------------------------------------------------
     def fill(self, fmt: str, **values: str) -> str:
@@ -274,12 +231,6 @@ class ChatTemplate(Template):
         off = self.thinking.off if self.thinking is not None and thinking is False else ""
         return self.fill(self.layout.generation) + off
 
-    def _cut_stops(self, text: str) -> str:
-        """Cut at the first stop word and drop a trailing eos, in case the engine left them in the text."""
-        for word in (*self.stop_words, self.eos_token):
-            if word and word in text:
-                text = text[: text.index(word)]
-        return text
 
 
 def single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -297,20 +248,3 @@ def single_token_id(tokenizer: Any, token: str) -> int | None:
     if unk is not None and token_id == unk and token != getattr(tokenizer, "unk_token", None):
         return None
     return token_id
-
-
-def generation_eos_ids(tokenizer: Any) -> list[int]:
-    """The eos ids in generation_config.json beside a tokenizer loaded from a local folder (pure JSON, no torch)."""
-    path = getattr(tokenizer, "name_or_path", None)
-    if not path:
-        return []
-    file = Path(str(path)) / "generation_config.json"
-    if not file.is_file():
-        return []
-    try:
-        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError):
-        return []
-    if isinstance(eos, int):
-        return [eos]
-    return [e for e in eos if isinstance(e, int)] if isinstance(eos, list) else []

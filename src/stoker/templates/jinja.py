@@ -14,10 +14,10 @@ from functools import lru_cache
 from typing import Any
 
 from stoker.errors import TemplateError
-from stoker.templates.base import Message, ParsedReply, Template, Tool
+from stoker.templates.base import Message, Template, Tool
 from stoker.templates.conversation import normalize, to_hf_messages
-from stoker.templates.formats import Thinking, generation_eos_ids, split_reasoning
-from stoker.templates.tools import FORMATS, ToolFormat, find_calls
+from stoker.templates.reasoning import Thinking
+from stoker.templates.tools import FORMATS, ToolFormat
 
 
 class ChatTemplateRejected(TemplateError):
@@ -133,6 +133,7 @@ class JinjaTemplate(Template):
         self.name = name
         self.source = source
         self.special_tokens = dict(special_tokens or {})
+        self.eos_token = self.special_tokens.get("eos_token", "")
         self.default_system = None
         self.stop_words = []
         self.image_token = None
@@ -144,14 +145,6 @@ class JinjaTemplate(Template):
 
     def __repr__(self) -> str:
         return f"<template {self.name} (jinja)>"
-
-    @property
-    def tool_call_markers(self) -> tuple[str, ...]:
-        return self.tools.markers
-
-    @property
-    def reasoning_markers(self) -> tuple[str, ...]:
-        return (self.thinking.open, self.thinking.close) if self.thinking else ()
 
     def render(self, messages: list[Message], *, tools: list[Tool] | None = None, add_generation_prompt: bool = True,
                enable_thinking: bool | None = None) -> str:
@@ -173,30 +166,15 @@ class JinjaTemplate(Template):
         ids = ([eos] if isinstance(eos, int) else []) + self.extra_stop_ids
         return list(dict.fromkeys(ids))
 
-    def parse_reply(self, text: str, *, tools_given: bool = False) -> ParsedReply:
-        eos = self.special_tokens.get("eos_token")
-        if eos and eos in text:
-            text = text[: text.index(eos)]
-        reasoning = None
-        if self.thinking is not None:
-            reasoning, text = split_reasoning(text, self.thinking)
-        calls = []
-        if tools_given:
-            parsed = find_calls(self.tools, text)
-            if parsed is not None:
-                text, calls = parsed
-        return ParsedReply(content=text, reasoning=reasoning, tool_calls=calls)
 
-
-def auto_template(tokenizer: Any, *, extra_stop_ids: list[int] | None = None) -> JinjaTemplate:
+def auto_template(tokenizer: Any, *, extra_stop_ids: list[int]) -> JinjaTemplate:
     source = chat_template_of(tokenizer)
     if source is None:
         raise TemplateError(
             "template: auto needs the tokenizer's chat_template, but this tokenizer has none. Name a template "
             f"instead, e.g. `template: {suggest_for(tokenizer)}` (list them with `stoker template list`)."
         )
-    stops = list(extra_stop_ids) if extra_stop_ids is not None else generation_eos_ids(tokenizer)
-    return JinjaTemplate(source, special_tokens=special_tokens_of(tokenizer), extra_stop_ids=stops)
+    return JinjaTemplate(source, special_tokens=special_tokens_of(tokenizer), extra_stop_ids=list(extra_stop_ids))
 
 
 def suggest_for(tokenizer: Any) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stoker.errors import TemplateError
-from stoker.templates.base import Tool, ToolCall
+from stoker.templates.types import Tool, ToolCall
 from stoker.templates.conversation import Call
 
 Parsed = tuple[str, list[ToolCall]]
@@ -109,6 +109,15 @@ class ToolFormat:
 
     def parse(self, text: str) -> Parsed | None:
         raise NotImplementedError
+
+    def call_start(self, text: str) -> int | None:
+        """Where a tool call begins in a reply streamed so far (its first marker), or None while none has shown.
+
+        A format without markers (GLM's bare ``name\\n{args}``) can begin anywhere, so for it the answer is 0."""
+        if not self.markers:
+            return 0
+        found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
+        return min(found) if found else None
 
 
 class DefaultFormat(ToolFormat):

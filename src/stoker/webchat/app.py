@@ -50,7 +50,7 @@ def run_webchat(settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     check_port(settings.gradio_server_name, settings.gradio_server_port)
 
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     start = time.perf_counter()
     service = open_chat_service(settings)
@@ -64,7 +64,7 @@ def run_webchat(settings: Settings) -> int:
         _serve_until_interrupted(blocks)
         return 0
     finally:
-        service.engine.close()
+        service.close()
 
 
 def _serve_until_interrupted(blocks: object) -> None:

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from stoker.chat import ChatService
-from stoker.engines.base import GenerationRequest, SamplingParams
+from stoker.chat import ChatService, GenerationRequest, PreparedChat, SamplingParams
 from stoker.errors import MediaError, RequestError
-from stoker.templates.base import Message, Tool, ToolCall
+from stoker.templates.types import Message, Tool, ToolCall
 
 Role = Literal["user", "tool"]
 TOOLS_EXAMPLE = '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
@@ -57,12 +56,16 @@ class ChatOptions:
 
 @dataclass
 class Prepared:
-    """A message accepted for sending: the history to show (new turn last) and the engine request."""
+    """A message accepted for sending: the history to show (new turn last) and the chat service's request."""
 
     turns: list[Turn]
-    request: GenerationRequest
+    chat: PreparedChat
     dropped_turns: int
     tools_given: bool
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.chat.request
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,51 +183,35 @@ def prepare(
     # Every earlier turn is two messages (prompt, reply) and fit_history cuts whole exchanges.
     dropped_turns = dropped // 2
     history = history[dropped_turns:]
-    request = service.request(kept, params, tools=options.tools or None, enable_thinking=options.enable_thinking)
-    return Prepared(turns=history, request=request, dropped_turns=dropped_turns, tools_given=bool(options.tools))
+    chat = service.prepare(kept, params, tools=options.tools or None, enable_thinking=options.enable_thinking)
+    return Prepared(turns=history, chat=chat, dropped_turns=dropped_turns, tools_given=bool(options.tools))
 
 
 async def stream_reply(service: ChatService, prepared: Prepared) -> AsyncIterator[list[Turn]]:
-    """Stream the reply into the last turn, yielding the turns after each new piece of text.
+    """Stream the reply into the last turn, yielding the turns after each new piece of it.
 
-    The yielded list is always a consistent history: if the page stops here (Stop button, closed tab) the partial
-    reply stays, and the engine request is aborted by the cancelled stream.
+    The chat service's reply parser decides what shows (content, reasoning, tool calls), exactly as in the API. The
+    yielded list is always a consistent history: if the page stops here (Stop button, closed tab) the partial reply
+    stays, and the engine request is aborted by the cancelled stream.
     """
     turns = prepared.turns
     turn = turns[-1]
-    markers = [*getattr(service.template, "reasoning_markers", ()), *getattr(service.template, "tool_call_markers", ())]
+    parser = prepared.chat.parser()
     yield turns
-    pieces: list[str] = []
-    finish: str | None = None
     # aclosing: when the page stops this generator, the engine stream closes now, which aborts the request.
     async with aclosing(service.stream(prepared.request)) as deltas:
         async for delta in deltas:
             if delta.text:
-                pieces.append(delta.text)
-                partial = hold_back_partial_marker("".join(pieces), markers)
-                _fill(turn, service.parse(partial, tools_given=prepared.tools_given))
-                yield turns
+                part = parser.push(delta.text)
+                if part:
+                    turn.reply += part.content
+                    turn.reasoning = (turn.reasoning or "") + part.reasoning or None
+                    yield turns
             if delta.finish_reason is not None:
-                finish = delta.finish_reason
                 turn.completion_tokens = delta.completion_tokens
-    _fill(turn, service.parse("".join(pieces), tools_given=prepared.tools_given))
-    turn.finish_reason = "tool_calls" if turn.tool_calls else finish
+                _, reply = parser.finish(delta.finish_reason)
+                turn.reply = reply.content or ""
+                turn.reasoning = reply.reasoning
+                turn.tool_calls = list(reply.tool_calls)
+                turn.finish_reason = reply.finish_reason
     yield turns
-
-
-def hold_back_partial_marker(text: str, markers: list[str]) -> str:
-    """``text`` without a tail that may be the start of a marker (``<thi`` of ``<think>``), so a streaming reply
-    does not flash it as text before the template's parser recognises the whole marker."""
-    cut = 0
-    for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), cut, -1):
-            if text.endswith(marker[:size]):
-                cut = size
-                break
-    return text[: len(text) - cut]
-
-
-def _fill(turn: Turn, parsed: Any) -> None:
-    turn.reply = parsed.content
-    turn.reasoning = parsed.reasoning or None
-    turn.tool_calls = list(parsed.tool_calls)

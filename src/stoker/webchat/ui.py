@@ -36,14 +36,14 @@ def user_error(exc: StokerError) -> gr.Error:
 
 def build_ui(service: ChatService) -> gr.Blocks:
     gen = service.generation
-    vision = service.engine.info.vision
+    vision = service.info.vision
     max_tokens_limit = max(1, min(service.max_model_len - 1, MAX_NEW_TOKENS_CAP))
     default_temperature = float(gen["temperature"]) if gen["do_sample"] else 0.0
     # Templates that think in <think> blocks get a switch for it.
-    reasoning = bool(getattr(service.template, "reasoning_markers", ()))
+    reasoning = bool(service.template.reasoning_markers)
 
     with gr.Blocks(
-        title=f"Stoker · {service.model_name}",
+        title=f"Stoker · {service.describe()}",
         analytics_enabled=False,
         fill_height=True,
         # Uploaded images older than a day leave the server's temp folder (checked hourly).
@@ -52,7 +52,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         turns = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                gr.HTML(f"<h2 id='stoker-title'>Stoker · {html.escape(service.model_name)}</h2>")
+                gr.HTML(f"<h2 id='stoker-title'>Stoker · {html.escape(service.describe())}</h2>")
                 chatbot = gr.Chatbot(
                     elem_id=CHATBOT_ID,
                     show_label=False,

@@ -20,9 +20,9 @@ from stoker.media import (
     fetch_url,
     fit_pixels,
     load_image,
-    place_placeholders,
     resolve_local_path,
 )
+from stoker.chat.media import place_placeholders
 
 
 def png_bytes(size: tuple[int, int] = (40, 30), color: tuple[int, ...] = (200, 10, 10), mode: str = "RGB") -> bytes:

@@ -13,7 +13,7 @@ from stoker.errors import ConfigError, ModelLoadError
 
 
 def chat_service(**raw):
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     return open_chat_service(settings_from_dict(raw))
 

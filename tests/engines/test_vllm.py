@@ -53,11 +53,12 @@ def vllm_settings(model: Path, adapter: Path | None, **overrides) -> Settings:
 def setup(demo_chat: Path, demo_adapter: Path):
     """(vLLM engine with the adapter selectable per request, huggingface engine likewise, tokenizer, adapter name)."""
     from stoker.engines.hf import HFEngine
-    from stoker.engines.vllm import open_vllm_engine
+    from stoker.engines.factory import open_engine
     from stoker.models.loader import load_model
 
     settings = vllm_settings(demo_chat, demo_adapter)
-    engine, tokenizer, _, _ = open_vllm_engine(settings, per_request_adapters=True)
+    opened = open_engine(settings, per_request_adapters=True)
+    engine, tokenizer = opened.engine, opened.tokenizer
     loaded = load_model(settings, merge=False)
     hf = HFEngine(loaded.model, loaded.tokenizer, adapters=list(loaded.adapters))
     (adapter,) = loaded.adapters
@@ -94,7 +95,7 @@ def endless(tmp_path_factory, demo_chat: Path, engine):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from stoker.engines.vllm import open_vllm_engine
+    from stoker.engines.factory import open_engine
 
     folder = tmp_path_factory.mktemp("endless")
     tokenizer = AutoTokenizer.from_pretrained(demo_chat)
@@ -108,7 +109,7 @@ def endless(tmp_path_factory, demo_chat: Path, engine):
         model.lm_head.weight[list(tokenizer.all_special_ids)] = 0.0
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    endless_engine, _, _, _ = open_vllm_engine(vllm_settings(folder, None, vllm_maxlen=1024))
+    endless_engine = open_engine(vllm_settings(folder, None, vllm_maxlen=1024)).engine
     yield endless_engine
     endless_engine.close()
 
@@ -325,10 +326,11 @@ def test_unknown_vllm_config_key_is_a_config_error(demo_chat, engine, tokenizer)
 def test_config_adapter_applies_to_every_request_in_chat_mode(demo_chat, demo_adapter, engine, tokenizer, adapter
                                                               ) -> None:
     """Chat, web chat and predict: the configured adapter is on for every request (a second, short-lived engine)."""
-    from stoker.engines.vllm import open_vllm_engine
+    from stoker.engines.factory import open_engine
     from stoker.errors import RequestError
 
-    chat_engine, _, generation_config, processor = open_vllm_engine(vllm_settings(demo_chat, demo_adapter))
+    opened = open_engine(vllm_settings(demo_chat, demo_adapter))
+    chat_engine, generation_config, processor = opened.engine, opened.generation_config, opened.processor
     try:
         assert chat_engine.info.adapters == []
         assert processor is None and generation_config["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from stoker.config import settings_from_dict
-from stoker.engines.vllm_args import (
-    DEFAULT_CPU_KV_CACHE_GIB,
-    GIB,
-    ModelFacts,
-    engine_kwargs,
-    eos_token_ids,
-    read_model_facts,
-    tensor_parallel_size,
-)
+from stoker.engines.vllm_args import DEFAULT_CPU_KV_CACHE_GIB, GIB, engine_kwargs, tensor_parallel_size
+from stoker.models.facts import ModelFacts, eos_token_ids, read_model_facts
 from stoker.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def write_model(folder: Path, config: dict, generation_config: dict | None = None) -> Path:
@@ -62,9 +55,9 @@ def test_eos_ids_follow_transformers(tmp_path: Path) -> None:
         eos_token_id = 5
 
     # generation_config.json wins over config.json, as in transformers; the tokenizer's eos is added.
-    assert eos_token_ids({"eos_token_id": [3, 4]}, FACTS, Tok()) == [3, 4, 5]
-    assert eos_token_ids({}, FACTS, Tok()) == [2, 5]
-    assert eos_token_ids({"eos_token_id": None}, FACTS, Tok()) == [5]
+    assert eos_token_ids({"eos_token_id": [3, 4]}, FACTS.eos_token_ids, Tok()) == [3, 4, 5]
+    assert eos_token_ids({}, FACTS.eos_token_ids, Tok()) == [2, 5]
+    assert eos_token_ids({"eos_token_id": None}, FACTS.eos_token_ids, Tok()) == [5]
 
 
 def test_cpu_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,12 +109,12 @@ def test_qwen2_vl_images_are_sized_by_the_config(tmp_path: Path) -> None:
 
 
 def test_visual_inputs_on_a_text_model_is_refused(tmp_path: Path) -> None:
-    from stoker.engines.vllm import open_vllm_engine
+    from stoker.engines.factory import open_engine
 
     model = write_model(tmp_path / "m", LLAMA)
     settings = settings_from_dict({"model_name_or_path": str(model), "infer_backend": "vllm", "visual_inputs": True})
     with pytest.raises(ConfigError, match="visual_inputs is true but"):
-        open_vllm_engine(settings)
+        open_engine(settings)
 
 
 def test_tensor_parallel_size_defaults_to_a_power_of_two_that_divides_the_heads() -> None:
@@ -146,7 +139,7 @@ def test_lora_arguments_leave_a_spare_slot(tmp_path: Path) -> None:
 
 
 def test_several_adapters_are_refused_outside_the_api(tmp_path: Path) -> None:
-    from stoker.engines.vllm import open_vllm_engine
+    from stoker.engines.factory import open_engine
 
     model = write_model(tmp_path / "m", LLAMA)
     a, b = write_adapter(tmp_path / "a", 8), write_adapter(tmp_path / "b", 8)
@@ -155,7 +148,7 @@ def test_several_adapters_are_refused_outside_the_api(tmp_path: Path) -> None:
     # Refused before vLLM is even imported.
     with pytest.raises(ConfigError, match="vllm applies one LoRA adapter per request, but adapter_name_or_path "
                                           "lists 2 \\(a, b\\)"):
-        open_vllm_engine(settings)
+        open_engine(settings)
 
 
 def test_missing_vllm_says_how_to_install() -> None:

@@ -1,4 +1,4 @@
-"""From generated text to OpenAI messages (``stoker.server.replies``), with the real built-in templates' parsers.
+"""From generated text to OpenAI messages (``stoker.chat.replies``), with the real built-in templates' parsers.
 
 The demo model never writes a tool call, so tool-call and reasoning replies are given as text here. The property
 that matters for streaming: the deltas of a reply, however the text is cut into pieces, add up to exactly what the
@@ -11,14 +11,12 @@ import json
 
 import pytest
 
-from stoker.server.replies import (
+from stoker.chat.replies import (
     InvalidOutputError,
-    ReplyStreamer,
+    ReplyRules,
     ToolPolicy,
     json_object_text,
     reasoning_prefix,
-    resolve_reply,
-    stream_markers,
 )
 from stoker.templates import get_template
 
@@ -28,41 +26,38 @@ AUTO = ToolPolicy("auto", [WEATHER, TIME])
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-def streamed(template_name: str, text: str, policy: ToolPolicy, *, piece: int, finish: str = "stop",
-             prefix: str = "", json_mode: bool = False) -> tuple[dict, list[dict]]:
-    """Run ``text`` through a ReplyStreamer in pieces of ``piece`` characters; return the summed message and the
-    deltas as they were released."""
+def rules(template_name: str, policy: ToolPolicy, *, prefix: str = "", json_mode: bool = False) -> ReplyRules:
     template = get_template(template_name, None)
 
     def parse(t: str, *, tools_given: bool):
         return template.parse_reply(prefix + t, tools_given=tools_given)
 
-    reasoning_markers, tool_markers = stream_markers(template, policy)
-    streamer = ReplyStreamer(parse, policy, reasoning_markers=reasoning_markers, tool_markers=tool_markers,
-                             json_mode=json_mode)
+    return ReplyRules(parse, template.tools, template.reasoning_markers, policy, json_mode)
+
+
+def streamed(template_name: str, text: str, policy: ToolPolicy, *, piece: int, finish: str = "stop",
+             prefix: str = "", json_mode: bool = False) -> tuple[dict, list[dict]]:
+    """Run ``text`` through a ReplyParser in pieces of ``piece`` characters; return the summed message and the
+    deltas as they were released."""
+    parser = rules(template_name, policy, prefix=prefix, json_mode=json_mode).parser()
     deltas = []
     for i in range(0, len(text), piece):
-        part = streamer.push(text[i : i + piece])
+        part = parser.push(text[i : i + piece])
         deltas.append({"content": part.content, "reasoning": part.reasoning, "calls": [], "at": i + piece})
-    rest, reason = streamer.finish(finish)
+    rest, reply = parser.finish(finish)
     calls = [(c.name, json.loads(c.arguments)) for c in rest.tool_calls]
     deltas.append({"content": rest.content, "reasoning": rest.reasoning, "calls": calls, "at": len(text)})
     total = {
         "content": "".join(d["content"] for d in deltas),
         "reasoning": "".join(d["reasoning"] for d in deltas),
         "calls": calls,
-        "finish": reason,
+        "finish": reply.finish_reason,
     }
     return total, deltas
 
 
 def whole(template_name: str, text: str, policy: ToolPolicy, *, finish: str = "stop", prefix: str = "") -> dict:
-    template = get_template(template_name, None)
-
-    def parse(t: str, *, tools_given: bool):
-        return template.parse_reply(prefix + t, tools_given=tools_given)
-
-    reply = resolve_reply(parse, text, finish, policy, json_mode=False)
+    reply = rules(template_name, policy, prefix=prefix).reply(text, finish)
     return {
         "content": reply.content or "",
         "reasoning": reply.reasoning or "",
@@ -204,3 +199,68 @@ def test_json_mode() -> None:
     # A reply cut off by the length limit is returned unchecked.
     assert streamed("qwen", '{"ok": tr', ToolPolicy("none"), piece=2, json_mode=True, finish="length")[0][
         "content"] == '{"ok": tr'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every built-in template's formats, however the text is cut into deltas
+# --------------------------------------------------------------------------------------------------------------------
+# Formats whose call is the whole reply: text before it makes it prose (Llama 3's JSON call, GLM's bare name\n{args}).
+WHOLE_REPLY_CALLS = {"llama3", "llama4", "glm4"}
+
+
+def _call_text(name: str) -> tuple[str, str, str]:
+    """A reply in the template's own formats: (text, the content before the call, the reasoning)."""
+    from stoker.templates.conversation import Call
+
+    template = get_template(name, None)
+    call = Call(name="get_weather", arguments='{"city": "Paris"}', parsed={"city": "Paris"}, id="call_1")
+    content = "" if template.tools.name in WHOLE_REPLY_CALLS else "Checking."
+    text = content + (template.tools.joiner if content else "") + template.tools.calls([call])
+    reasoning = ""
+    if template.thinking is not None:
+        reasoning = "I should look it up."
+        text = f"{template.thinking.open}\n{reasoning}\n{template.thinking.close}\n\n{text}"
+    return text, content, reasoning
+
+
+def _all_templates() -> list[str]:
+    from stoker.templates import list_templates
+
+    return list_templates()
+
+
+@pytest.mark.parametrize("name", _all_templates())
+def test_every_format_streams_to_its_whole_reply(name: str) -> None:
+    text, content, reasoning = _call_text(name)
+    expected = {"content": content, "reasoning": reasoning, "calls": [("get_weather", {"city": "Paris"})],
+                "finish": "tool_calls"}
+    assert whole(name, text, AUTO) == expected
+    for piece in (1, 2, 3, 5, 1000):
+        assert streamed(name, text, AUTO, piece=piece)[0] == expected
+
+
+@pytest.mark.parametrize("name", _all_templates())
+def test_every_format_without_tools_keeps_the_call_as_content(name: str) -> None:
+    text, _, reasoning = _call_text(name)
+    reply = whole(name, text, ToolPolicy("none"))
+    assert reply["calls"] == [] and reply["reasoning"] == reasoning and reply["finish"] == "stop"
+    for piece in (1, 4, 1000):
+        assert streamed(name, text, ToolPolicy("none"), piece=piece)[0] == reply
+
+
+@pytest.mark.parametrize("name", [n for n in _all_templates() if get_template(n, None).thinking is not None])
+def test_markers_split_across_deltas_never_show_as_text(name: str) -> None:
+    template = get_template(name, None)
+    open_, close = template.reasoning_markers
+    call_marker = template.tool_call_markers[0]
+    text = f"{open_}\nplan\n{close}\n\nSure.\n{call_marker}"
+    # Cut every marker in two, at each position: no delta may ever carry part of a marker as content or reasoning.
+    for marker in (open_, close, call_marker):
+        start = text.index(marker)
+        for cut in range(1, len(marker)):
+            pieces = [text[: start + cut], text[start + cut :]]
+            parser = rules(name, AUTO).parser()
+            shown = [parser.push(p) for p in pieces]
+            for part in shown:
+                assert not any(m[:2] in part.content or m[:2] in part.reasoning
+                               for m in (open_, close, call_marker)), (marker, cut, part)

@@ -19,7 +19,7 @@ from stoker.config import settings_from_dict
 from stoker.demo.vision_tasks import NO_IMAGE_ANSWER, QUESTIONS, Picture, answer
 from stoker.errors import MediaError, RequestError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 # Pictures never trained on (training draws its seeds from another stream), one per shape, several colours.
 PICTURES = [
@@ -69,7 +69,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(demo_vision: Path, media_dir: Path) -> Iterator[Any]:
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     svc = open_chat_service(settings_from_dict({"model_name_or_path": str(demo_vision), "media_dir": str(media_dir)}))
     yield svc
@@ -252,7 +252,7 @@ def test_api_truncated_image_is_400(api: Any) -> None:
 def test_text_only_model_refuses_images_with_400(shared_dir: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
     from stoker.server.app import create_app
 
     settings = settings_from_dict({"model_name_or_path": str(shared_dir / "models" / "stories260K" / "hf"),

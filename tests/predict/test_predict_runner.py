@@ -24,9 +24,9 @@ from stoker.demo.tasks import (
     echo_cases,
 )
 from stoker.demo.tokenizer import render_chatml
-from stoker.predict.prompts import prompt_limit, truncate
+from stoker.chat.budget import prompt_limit, truncate
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 PYTHON = sys.executable
 RESULT_KEYS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
                "predict_samples_per_second", "predict_steps_per_second"}  # fmt: skip

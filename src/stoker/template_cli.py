@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stoker.chat.messages import with_default_system
 from stoker.errors import StokerError, TemplateError
 
 
@@ -91,8 +92,7 @@ def render(args: argparse.Namespace) -> int:
             raise TemplateError(f"{args.target} sets no model_name_or_path, so there is no tokenizer to render with.")
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(settings)
         name = settings.template
-        if settings.default_system and not any(m.get("role") == "system" for m in messages):
-            messages = [{"role": "system", "content": settings.default_system}, *messages]
+        messages = with_default_system(messages, settings.default_system)
         if thinking is None:
             thinking = settings.enable_thinking
     else:

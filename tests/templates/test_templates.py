@@ -15,9 +15,9 @@ from conftest import SHARED, STORIES
 
 from stoker.errors import TemplateError
 from stoker.templates import check_template_mismatch, get_template, list_templates
-from stoker.templates.cli import main as template_cli
+from stoker.template_cli import main as template_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 OFFICIAL = SHARED / "chat_templates"
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -247,7 +247,7 @@ def test_templates_import_neither_torch_nor_transformers() -> None:
     code = """
 import sys
 from stoker.templates import get_template, list_templates, check_template_mismatch
-import stoker.templates.cli
+import stoker.template_cli
 for name in list_templates():
     t = get_template(name)
     t.render([{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {"name": "f"}}])

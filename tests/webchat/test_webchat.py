@@ -17,7 +17,6 @@ from stoker.webchat.render import CUT_NOTE, chat_messages, markdown_html, turn_m
 from stoker.webchat.session import (
     ChatOptions,
     Turn,
-    hold_back_partial_marker,
     new_turn,
     parse_tools,
     prepare,
@@ -148,17 +147,6 @@ def test_history_to_messages(shared_dir: Path) -> None:
     ]
 
 
-def test_partial_markers_are_held_back_while_streaming() -> None:
-    markers = ["<think>", "</think>", "<tool_call>"]
-    assert hold_back_partial_marker("Hello <thi", markers) == "Hello "
-    assert hold_back_partial_marker("x</", markers) == "x"  # could be </think>
-    assert hold_back_partial_marker("a <tool_c", markers) == "a "
-    assert hold_back_partial_marker("<think>done", markers) == "<think>done"
-    assert hold_back_partial_marker("1 < 2", markers) == "1 < 2"
-    assert hold_back_partial_marker("1 <", markers) == "1 "
-    assert hold_back_partial_marker("plain", []) == "plain"
-
-
 def test_new_turn_checks() -> None:
     with pytest.raises(RequestError, match="the message is empty"):
         new_turn([], "  ", [], "user")
@@ -192,7 +180,7 @@ def test_parse_tools() -> None:
 @pytest.fixture(scope="module")
 def service(demo_chat: Path):
     from stoker.config import load_settings
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     chat = open_chat_service(load_settings(overrides={"model_name_or_path": str(demo_chat)}, env={}))
     yield chat
@@ -314,7 +302,7 @@ def test_images_are_refused_by_a_text_model(service, shared_dir: Path) -> None:
 def test_uploaded_image_reaches_a_vision_model(demo_models: dict[str, Path], tmp_path: Path) -> None:
     from stoker.config import load_settings
     from stoker.demo.vision_tasks import NO_IMAGE_ANSWER, answer, draw_shape
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     picture = tmp_path / "shape.png"
     draw_shape("square", "blue", seed=5).save(picture)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stoker.engines.stops import StopStringMatcher
+from stoker.engines.stops import StopStringMatcher, held_tail
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
@@ -59,3 +59,17 @@ def test_every_split_point_gives_the_same_text(split: int) -> None:
     text = "one two\nUser: three"
     emitted, stopped, _ = run(["\nUser:"], [text[:split], text[split:]])
     assert "".join(emitted) == "one two" and stopped
+
+
+def test_partial_markers_are_held_back_while_streaming() -> None:
+    def hold_back_partial_marker(text: str, markers: list[str]) -> str:
+        return text[: len(text) - held_tail(text, markers)]
+
+    markers = ["<think>", "</think>", "<tool_call>"]
+    assert hold_back_partial_marker("Hello <thi", markers) == "Hello "
+    assert hold_back_partial_marker("x</", markers) == "x"  # could be </think>
+    assert hold_back_partial_marker("a <tool_c", markers) == "a "
+    assert hold_back_partial_marker("<think>done", markers) == "<think>done"
+    assert hold_back_partial_marker("1 < 2", markers) == "1 < 2"
+    assert hold_back_partial_marker("1 <", markers) == "1 "
+    assert hold_back_partial_marker("plain", []) == "plain"

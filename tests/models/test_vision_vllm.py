@@ -51,7 +51,7 @@ def demo_vision() -> Path:
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="vLLM's vision models import torchvision (see docs/vllm.md)")
 def test_vllm_answers_about_pictures_like_huggingface(demo_vision: Path) -> None:
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     question = QUESTIONS["describe"][0]
     vllm_service = open_chat_service(vllm_settings(demo_vision))
@@ -73,7 +73,7 @@ def test_vllm_answers_about_pictures_like_huggingface(demo_vision: Path) -> None
 
 @pytest.mark.skipif(HAS_TORCHVISION, reason="only without torchvision")
 def test_vllm_without_torchvision_is_clear(demo_vision: Path) -> None:
-    from stoker.runtime import open_chat_service
+    from stoker.chat import open_chat_service
 
     with pytest.raises(ConfigError) as exc:
         open_chat_service(vllm_settings(demo_vision))

