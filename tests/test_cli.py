@@ -50,7 +50,12 @@ def test_unknown_command_suggests() -> None:
         (["model_name_or_path=x", "temperature=hot"],
          "stoker: error: invalid value for temperature: 'hot'; expected a number or null.\n"),
         (["missing.yaml"],
-         "stoker: error: config file not found: missing.yaml. Pass the path of a YAML file, e.g. examples/inference/demo.yaml.\n"),
+         f"stoker: error: config file not found: 'missing.yaml' (relative to the current folder, {ROOT}). Pass the "
+         "path of a YAML file, e.g. examples/inference/demo.yaml.\n"),
+        (["model_name_or_path=saves/demo/none"],
+         f"stoker: error: invalid value for model_name_or_path: the folder 'saves/demo/none' (relative to the current "
+         f"folder, {ROOT}) does not exist. Expected a local model folder or a Hugging Face hub id such as "
+         "'org/model'.\n"),
     ],
 )
 def test_bad_config_exits_2_without_traceback(args: list[str], message: str) -> None:

@@ -108,8 +108,8 @@ def test_typo_warns_with_nearest_key(caplog: pytest.LogCaptureFixture) -> None:
         ({"max_new_tokens": 1.5}, "invalid value for max_new_tokens: 1.5; expected an integer or null."),
         ({"do_sample": "yes please"}, "invalid value for do_sample: 'yes please'; expected true or false or null."),
         (
-            {"infer_backend": "sglang"},
-            "invalid value for infer_backend: 'sglang'; expected one of 'huggingface', 'hf', 'vllm'.",
+            {"infer_backend": "ollama"},
+            "invalid value for infer_backend: 'ollama'; expected one of 'huggingface', 'hf', 'vllm'.",
         ),
         ({"top_p": 1.5}, "invalid value for top_p: 1.5; expected a number in (0, 1]."),
         ({"max_new_tokens": 0}, "invalid value for max_new_tokens: 0; expected an integer >= 1."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from stoker import __version__
 from stoker.errors import StokerError
@@ -20,6 +21,7 @@ commands:
   api        OpenAI-compatible HTTP server (API_HOST, API_PORT, API_KEY)
   predict    batch generation over datasets: predictions file plus BLEU/ROUGE metrics
   train      LLaMA-Factory compatibility: runs predict when the config says do_predict: true
+  check      print the resolved settings, where each came from, and what would load (loads nothing)
   template   list templates, or render the exact prompt a model sees (stoker template --help)
   demo       build the demo models (cached) and print their folders
   version    print the version
@@ -31,47 +33,110 @@ Docs: README.md and docs/ in the source tree.
 
 
 
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """The optional config file (a first argument that is neither an option nor key=value) and the overrides."""
-    if args and not args[0].startswith("-") and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+CONFIG_SUFFIXES = (".yaml", ".yml")
+DEMO_PREDICT = {"eval_dataset": ["identity", "alpaca_en_demo"], "max_samples": 50, "output_dir": "saves/demo/predict"}
 
 
-def load_command_settings(args: list[str]):  # -> Settings (typed lazily to keep imports light)
+def split_config_args(args: list[str]) -> tuple[str | None, str | None, list[str]]:
+    """(config file, model, overrides) from the arguments after the command.
+
+    The first argument, when it is neither an option nor key=value, is a config file (``*.yaml``), or else a model:
+    a folder, a hub id or a ``demo:`` name, as with Ollama's ``run`` (``stoker chat org/model``)."""
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        return None, None, args
+    first, rest = args[0], args[1:]
+    if first.endswith(CONFIG_SUFFIXES) or (Path(first).is_file() and not first.endswith(".gguf")):
+        return first, None, rest
+    if Path(first).expanduser().is_dir() or first.startswith("demo:") or first.endswith(".gguf") or \
+            first.count("/") == 1:
+        return None, first, rest
+    return first, None, rest  # neither a config nor a model: "config file not found" says what was looked for
+
+
+def load_command_settings(args: list[str], command: str = "chat"):  # -> Settings (typed lazily: light imports)
     from stoker.config import load_settings, parse_overrides
 
-    path, rest = split_config_args(args)
+    path, model, rest = split_config_args(args)
     overrides = parse_overrides(rest)
+    if model is not None:
+        overrides = {"model_name_or_path": model, **overrides}
     settings = load_settings(path, overrides)
     if settings.model_name_or_path is None:
         logger.info("no model_name_or_path given: using the demo chat model (demo:chat)")
         settings.model_name_or_path = "demo:chat"
+        settings.origins["model_name_or_path"] = "default (the demo model)"
+    if command == "predict" and path is None:
+        _demo_predict_defaults(settings)
+    return settings
+
+
+def _demo_predict_defaults(settings) -> None:  # noqa: ANN001
+    """``stoker predict`` without a config: LLaMA-Factory's demo datasets shipped in the repository's data/ (found
+    from wherever it runs), 50 rows of each, into saves/demo/predict; keys given on the command line still win."""
+    given = settings.origins
+    if "eval_dataset" not in given and "dataset" not in given:
+        for key, value in DEMO_PREDICT.items():
+            if key not in given:
+                setattr(settings, key, value)
+                given[key] = "default (demo predict)"
+    if "dataset_dir" not in given and not (Path(settings.dataset_dir) / "dataset_info.json").is_file():
+        bundled = Path(__file__).resolve().parents[2] / "data"
+        if (bundled / "dataset_info.json").is_file():
+            settings.dataset_dir = str(bundled)
+            given["dataset_dir"] = "default (the repository's data/)"
+
+
+def checked_settings(args: list[str], command: str):  # -> Settings
+    """The command's settings, checked before anything heavy loads (see ``stoker.preflight``)."""
+    from stoker.preflight import preflight
+
+    settings = load_command_settings(args, command)
+    preflight(settings, command)  # type: ignore[arg-type]
     return settings
 
 
 def cmd_chat(args: list[str]) -> int:
     from stoker.terminal import run_terminal_chat
 
-    return run_terminal_chat(load_command_settings(args))
+    return run_terminal_chat(checked_settings(args, "chat"))
 
 
 def cmd_webchat(args: list[str]) -> int:
     from stoker.webchat.app import run_webchat
 
-    return run_webchat(load_command_settings(args))
+    return run_webchat(checked_settings(args, "webchat"))
 
 
 def cmd_api(args: list[str]) -> int:
     from stoker.server.app import run_api
 
-    return run_api(load_command_settings(args))
+    return run_api(checked_settings(args, "api"))
+
+
+def cmd_check(args: list[str]) -> int:
+    """Print the resolved settings, where each came from, and what would load; load nothing."""
+    from stoker.preflight import report
+
+    command = "chat"
+    if args and args[0] in ("--for", "-f") and len(args) > 1:
+        command, args = args[1], args[2:]
+    if command not in ("chat", "webchat", "api", "predict"):
+        from stoker.errors import ConfigError
+
+        raise ConfigError(f"stoker check --for {command!r}: expected chat, webchat, api or predict.")
+    settings = load_command_settings(args, command)
+    if command == "predict":
+        from stoker.predict.runner import engine_settings
+
+        settings = engine_settings(settings)
+    sys.stdout.write(report(settings, command))  # type: ignore[arg-type]
+    return 0
 
 
 def cmd_predict(args: list[str]) -> int:
     from stoker.predict.runner import run_predict
 
-    return run_predict(load_command_settings(args))
+    return run_predict(load_command_settings(args, "predict"))
 
 
 def cmd_train(args: list[str]) -> int:
@@ -113,6 +178,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "api": cmd_api,
     "predict": cmd_predict,
     "train": cmd_train,
+    "check": cmd_check,
     "template": cmd_template,
     "demo": cmd_demo,
     "version": cmd_version,

@@ -28,8 +28,8 @@ class Settings:
     # --- model -------------------------------------------------------------------------------------------------
     model_name_or_path: str | None = None
     adapter_name_or_path: list[str] = field(default_factory=list)  # comma list in YAML; applied in order
-    adapter_folder: str | None = None  # every sub-folder holding an adapter_config.json is an adapter
-    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
+    adapter_folder: str | None = None  # LLaMA-Factory's: the sub-folder of each adapter path with the adapter files
+    finetuning_type: Literal["lora", "oft", "full", "freeze"] = "lora"
     merge_adapters: bool = True  # merge LoRA into the weights for speed where nothing needs them separate
     template: str | None = None  # None or "auto": the tokenizer's own chat_template
     infer_backend: Literal["huggingface", "hf", "vllm"] = "huggingface"
@@ -40,9 +40,32 @@ class Settings:
     model_revision: str = "main"
     use_fast_tokenizer: bool = True
     hf_hub_token: str | None = None
+    # --- loading: LLaMA-Factory's model arguments that change inference (docs/config.md says what each does) -------
+    quantization_bit: int | None = None  # on-the-fly quantization: 4 or 8 (bnb), 1-8 (hqq), 8 (eetq)
+    quantization_method: str = "bnb"
+    quantization_type: Literal["fp4", "nf4"] = "nf4"
+    double_quantization: bool = True
+    quantization_device_map: Literal["auto"] | None = None
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = None
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "fa3"] = "auto"
+    use_kv_cache: bool = True
+    low_cpu_mem_usage: bool = True  # false: the model stays on the CPU, as in LLaMA-Factory
+    offload_folder: str | None = None  # refused when set: Stoker keeps the whole model on one device
+    print_param_status: bool = False
+    split_special_tokens: bool = False
+    add_tokens: list[str] = field(default_factory=list)
+    add_special_tokens: list[str] = field(default_factory=list)
+    resize_vocab: bool = False
+    train_from_scratch: bool = False  # refused when true: random weights
+    mixture_of_depths: str | None = None  # refused when set
+    use_unsloth: bool = False  # refused when true
+    # Set by predict to cutoff_len, as LLaMA-Factory's train path does; it sizes the RoPE scaling factor.
+    model_max_length: int | None = None
     # --- prompt ------------------------------------------------------------------------------------------------
     default_system: str | None = None
     enable_thinking: bool | None = True
+    preserve_thinking: bool = False  # keep the reasoning of earlier assistant turns in the prompt
+    tool_format: str | None = None  # a tool format other than the template's (default, qwen, llama3, mistral, ...)
     # --- generation (None = unset: taken from generation_config.json, else greedy) -------------------------------
     do_sample: bool | None = None
     temperature: float | None = None
@@ -62,7 +85,7 @@ class Settings:
     cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # oneDNN with prepacked weights on CPU (engines.cpu_linear)
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096
-    vllm_gpu_util: float = 0.9
+    vllm_gpu_util: float = 0.7  # LLaMA-Factory's default
     vllm_enforce_eager: bool = False
     vllm_max_lora_rank: int = 32
     vllm_config: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +98,14 @@ class Settings:
     image_max_bytes: int = 20 * 1024 * 1024
     media_dir: str | None = None
     allow_private_urls: bool = False
+    image_do_pan_and_scan: bool = False  # Gemma 3's pan and scan
+    crop_to_patches: bool = False  # InternVL's crops
+    video_max_pixels: int = 256 * 256
+    video_min_pixels: int = 16 * 16
+    video_fps: float = 2.0
+    video_maxlen: int = 128
+    audio_sampling_rate: int = 16000
+    use_audio_in_video: bool = False
     # --- data and predict ------------------------------------------------------------------------------------------
     stage: Literal["sft", "pt", "rm", "ppo", "dpo", "kto"] = "sft"
     do_train: bool = False
@@ -91,12 +122,22 @@ class Settings:
     output_dir: str | None = None
     overwrite_output_dir: bool = False
     per_device_eval_batch_size: int = 8
+    # Training arguments a predict run reads: the compute dtype, and which rows are predicted.
+    bf16: bool = False
+    fp16: bool = False
+    pure_bf16: bool = False
+    tf32: bool | None = None
+    val_size: float = 0.0
+    tokenized_path: str | None = None
+    mix_strategy: str = "concat"
+    interleave_probs: str | None = None
     # --- API server ------------------------------------------------------------------------------------------------
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     api_key: str | None = None
     api_model_name: str | None = None
     api_max_body_mb: int = 64  # request bodies above this many MiB get HTTP 413
+    api_strict_model: bool = False  # an unknown model id is a 404 (default: the configured model answers)
     # --- web chat ----------------------------------------------------------------------------------------------------
     gradio_server_name: str = "127.0.0.1"
     gradio_server_port: int = 7860
@@ -104,6 +145,8 @@ class Settings:
 
     # Where the settings came from, for messages and for resolving relative paths.
     source: str | None = field(default=None, repr=False)
+    # Where each key given came from: "file", "command line" or "environment" (``stoker check`` prints them).
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def backend(self) -> Literal["huggingface", "vllm"]:
@@ -122,22 +165,46 @@ def _jsonable(value: Any) -> Any:
 TRAINING_ONLY_KEYS = frozenset(
     """
     deepspeed ddp_timeout overwrite_cache preprocessing_num_workers dataloader_num_workers learning_rate
-    num_train_epochs max_steps lr_scheduler_type warmup_ratio warmup_steps weight_decay bf16 fp16 pure_bf16 tf32
+    num_train_epochs max_steps lr_scheduler_type warmup_ratio warmup_steps weight_decay
     logging_steps save_steps save_strategy save_total_limit save_only_model plot_loss gradient_accumulation_steps
     per_device_train_batch_size gradient_checkpointing lora_rank lora_alpha lora_dropout lora_target additional_target
-    use_dora use_rslora pissa_init loraplus_lr_ratio freeze_trainable_layers freeze_trainable_modules val_size
-    eval_strategy evaluation_strategy eval_steps resume_from_checkpoint report_to run_name flash_attn shift_attn
-    rope_scaling quantization_bit quantization_method upcast_layernorm neftune_noise_alpha packing
-    neat_packing train_on_prompt mask_history tokenized_path streaming buffer_size mix_strategy interleave_probs
+    use_dora use_rslora pissa_init loraplus_lr_ratio freeze_trainable_layers freeze_trainable_modules
+    eval_strategy evaluation_strategy eval_steps resume_from_checkpoint report_to run_name shift_attn
+    upcast_layernorm upcast_lmhead_output neftune_noise_alpha packing use_unsloth_gc use_reentrant_gc
+    neat_packing train_on_prompt mask_history streaming buffer_size
     include_num_input_tokens_seen ddp_find_unused_parameters optim max_grad_norm adam_beta1 adam_beta2
-    disable_gradient_checkpointing use_unsloth enable_liger_kernel pref_beta pref_loss dpo_label_smoothing
+    disable_gradient_checkpointing enable_liger_kernel pref_beta pref_loss dpo_label_smoothing
     ref_model reward_model logging_dir load_best_model_at_end metric_for_best_model greater_is_better
-    use_cache low_cpu_mem_usage print_param_status compute_accuracy mixture_of_depths moe_aux_loss_coef
+    compute_accuracy moe_aux_loss_coef use_v1_kernels freeze_vision_tower freeze_multi_modal_projector
+    freeze_language_model create_new_adapter init_special_tokens new_special_tokens_config seed_data
+    export_dir export_size export_device export_quantization_bit export_quantization_dataset
+    export_quantization_nsamples export_quantization_maxlen export_legacy_format export_hub_model_id
+    sglang_maxlen sglang_mem_fraction sglang_tp_size sglang_lora_backend sglang_config
     """.split()
 )
 
+# Keys LLaMA-Factory reads that Stoker cannot honour: set, they stop the run with the reason and what to do.
+REFUSED_KEYS = {
+    "ms_hub_token": "Stoker loads models from local folders and the Hugging Face hub only (not ModelScope); "
+                    "download the model and point model_name_or_path at its folder.",
+    "om_hub_token": "Stoker loads models from local folders and the Hugging Face hub only (not OpenMind); "
+                    "download the model and point model_name_or_path at its folder.",
+    "use_kt": "KTransformers is not a Stoker backend; use infer_backend: huggingface or vllm.",
+    "kt_config": "KTransformers is not a Stoker backend; use infer_backend: huggingface or vllm.",
+}
+
+# Values LLaMA-Factory accepts that Stoker does not, with the reason and what to use instead.
+REFUSED_VALUES = {
+    ("infer_backend", "sglang"): "sglang is not a Stoker backend. Use infer_backend: vllm for vLLM's kernels and "
+                                 "batching, or huggingface (the default).",
+    ("infer_backend", "ktransformers"): "KTransformers is not a Stoker backend; use infer_backend: huggingface or "
+                                        "vllm.",
+}
+
 # Keys under other names in LLaMA-Factory or transformers, mapped onto ours.
-ALIASES = {"model_name": "api_model_name", "vllm_max_lora_rank": "vllm_max_lora_rank", "overwrite": "overwrite_output_dir"}
+ALIASES = {"model_name": "api_model_name", "vllm_max_lora_rank": "vllm_max_lora_rank", "overwrite": "overwrite_output_dir",
+           # LLaMA-Factory's older names (use_cache until 0.9.3, new_special_tokens until 0.9.2).
+           "use_cache": "use_kv_cache", "new_special_tokens": "add_special_tokens"}
 
 # Environment variables read when the YAML does not set the key.
 ENV_KEYS = {
@@ -151,9 +218,9 @@ ENV_KEYS = {
     "gradio_share": "GRADIO_SHARE",
 }
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "source"}
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("source", "origins")}
 _HINTS = typing.get_type_hints(Settings)
-_LIST_KEYS = {"adapter_name_or_path", "dataset", "eval_dataset"}
+_LIST_KEYS = {"adapter_name_or_path", "dataset", "eval_dataset", "add_tokens", "add_special_tokens"}
 
 
 def known_keys() -> list[str]:
@@ -168,23 +235,30 @@ def load_settings(
 ) -> Settings:
     """Build Settings from an optional YAML file, then overrides (already YAML-typed), then environment defaults."""
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     source = None
     if path is not None:
         raw = read_yaml(Path(path))
+        origins = dict.fromkeys(raw, "file")
         source = str(path)
     raw.update(overrides or {})
+    origins.update(dict.fromkeys(overrides or {}, "command line"))
     env = dict(os.environ) if env is None else env
     for key, var in ENV_KEYS.items():
         if key not in raw and key.upper() not in raw and var in env:
             raw[key] = _yaml_value(env[var])
-    return settings_from_dict(raw, source=source)
+            origins[key] = f"environment ({var})"
+    return settings_from_dict(raw, source=source, origins=origins)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. examples/inference/demo.yaml.")
+        from stoker.paths import shown
+
+        raise ConfigError(f"config file not found: {shown(path)}. Pass the path of a YAML file, e.g. "
+                          "examples/inference/demo.yaml.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -229,8 +303,10 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-def settings_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Settings:
+def settings_from_dict(raw: dict[str, Any], *, source: str | None = None,
+                       origins: dict[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
+    named: dict[str, str] = {}
     where = f" in {source}" if source else ""
     for key, value in raw.items():
         name = str(key)
@@ -239,14 +315,21 @@ def settings_from_dict(raw: dict[str, Any], *, source: str | None = None) -> Set
             name = lowered  # API_HOST, API_PORT ... written in the YAML as the env var names
         name = ALIASES.get(name, name)
         if name in _FIELDS:
+            refused = REFUSED_VALUES.get((name, value)) if isinstance(value, str) else None
+            if refused:
+                raise ConfigError(f"{name}: {refused}", param=name)
             values[name] = coerce(name, value)
+            named[name] = (origins or {}).get(key, "file" if source else "command line")
         elif name in TRAINING_ONLY_KEYS:
             logger.debug("ignoring training-only key %s%s", name, where)
+        elif name in REFUSED_KEYS:
+            if value not in (None, False, "", [], {}):
+                raise ConfigError(f"{name} is set{where}, but {REFUSED_KEYS[name]}", param=name)
         else:
             close = difflib.get_close_matches(name, list(_FIELDS) + sorted(TRAINING_ONLY_KEYS), n=1, cutoff=0.75)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             logger.warning("unknown config key %r%s ignored%s", name, where, hint)
-    settings = Settings(**values, source=source)
+    settings = Settings(**values, source=source, origins=named)
     _check(settings)
     return settings
 
@@ -347,11 +430,82 @@ def _check(s: Settings) -> None:
         # transformers applies it to beam scores only, and Stoker decodes one beam: say so rather than ignore it quietly.
         logger.warning("length_penalty=%r has no effect: it only scales beam-search scores, and Stoker decodes one "
                        "beam. Remove it.", s.length_penalty)
+    _check_inference_keys(s)
     if s.adapter_name_or_path and s.finetuning_type != "lora":
         raise ConfigError(
             f"adapter_name_or_path is set but finetuning_type is {s.finetuning_type!r}; adapters need "
             "finetuning_type: lora (for full or freeze fine-tuning, point model_name_or_path at the trained model)."
         )
+
+
+QUANTIZATION_METHODS = ("bnb", "hqq", "eetq")  # on the fly; LLaMA-Factory's others name pre-quantized checkpoints
+PREQUANTIZED_METHODS = ("gptq", "awq", "aqlm", "quanto", "mxfp4", "fp8")
+
+
+def _check_inference_keys(s: Settings) -> None:
+    """LLaMA-Factory's keys that change inference: a value Stoker cannot honour stops here, before anything loads,
+    with the reason and what to do (docs/config.md lists every key's status)."""
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"{key}: {why}", param=key)
+
+    if s.stage != "sft":
+        refuse("stage", f"{s.stage!r} models score rather than generate (LLaMA-Factory serves them for "
+                        "/v1/score/evaluation), and Stoker only generates. Use stage: sft, or remove the key.")
+    if s.quantization_method == "bitsandbytes":  # LLaMA-Factory up to 0.9.2
+        s.quantization_method = "bnb"
+    known = (*QUANTIZATION_METHODS, *PREQUANTIZED_METHODS)
+    if s.quantization_method not in known:
+        refuse("quantization_method", f"{s.quantization_method!r} is not a method LLaMA-Factory knows; expected one "
+                                      f"of {', '.join(known)}.")
+    if s.quantization_bit is not None:
+        if s.quantization_method in PREQUANTIZED_METHODS:
+            refuse("quantization_method", f"{s.quantization_method} names checkpoints quantized ahead of time (their "
+                                          "config.json says so, and they load as they are); quantization_bit "
+                                          "quantizes on the fly with bnb, hqq or eetq. Remove quantization_bit, or "
+                                          "set quantization_method: bnb.")
+        allowed = {"bnb": (4, 8), "hqq": (1, 2, 3, 4, 5, 6, 8), "eetq": (8,)}[s.quantization_method]
+        if s.quantization_bit not in allowed:
+            refuse("quantization_bit", f"{s.quantization_bit} bits is not what {s.quantization_method} quantizes to; "
+                                       f"expected {' or '.join(map(str, allowed))}.")
+        if s.finetuning_type not in ("lora", "oft"):
+            refuse("quantization_bit", "quantization is only compatible with the LoRA or OFT method (as in "
+                                       "LLaMA-Factory): a full or freeze fine-tune loads at its own precision.")
+        if s.resize_vocab:
+            refuse("resize_vocab", "a quantized model cannot have its vocabulary resized; drop one of the two.")
+        if s.backend == "vllm":
+            refuse("quantization_bit", "vLLM does not quantize on the fly with bitsandbytes here; it loads "
+                                       "pre-quantized checkpoints (GPTQ, AWQ, FP8) as they are, or set "
+                                       "vllm_config: {quantization: ...}. Use infer_backend: huggingface for "
+                                       "quantization_bit.")
+    if s.flash_attn != "auto" and s.backend == "vllm":
+        refuse("flash_attn", "vLLM picks its own attention kernels; remove flash_attn, or choose one with "
+                             "vllm_config: {attention_backend: ...}.")
+    if not s.use_kv_cache:
+        refuse("use_kv_cache", "Stoker's engines always keep a KV cache: without one, continuous batching would "
+                               "recompute every prompt at every step. Outputs are the same with it; remove the key.")
+    if s.offload_folder:
+        refuse("offload_folder", "Stoker keeps the whole model on one device and never offloads layers to disk. "
+                                 "Remove offload_folder; for a model too big for the device, use quantization_bit.")
+    if s.train_from_scratch:
+        refuse("train_from_scratch", "it gives the model random weights, which is for training; remove it.")
+    if s.mixture_of_depths:
+        refuse("mixture_of_depths", "Mixture-of-Depths models are not supported; remove the key.")
+    if s.use_unsloth:
+        refuse("use_unsloth", "Stoker does not load models through unsloth (its own engines batch instead); "
+                              "remove the key: the adapter loads as a plain LoRA adapter.")
+    for kind in ("image", "video"):
+        low, high = getattr(s, f"{kind}_min_pixels"), getattr(s, f"{kind}_max_pixels")
+        if low > high:
+            refuse(f"{kind}_max_pixels", f"{kind}_max_pixels ({high}) is below {kind}_min_pixels ({low}).")
+    if s.val_size > 0 and not s.eval_dataset:
+        refuse("val_size", "predicting on a split of the training dataset is not supported; name the rows to "
+                           "predict with eval_dataset.")
+    if s.tokenized_path:
+        refuse("tokenized_path", "Stoker renders the prompts itself and does not read pre-tokenized datasets; remove "
+                                 "tokenized_path and name the datasets with eval_dataset.")
+    if s.mix_strategy != "concat" or s.interleave_probs:
+        refuse("mix_strategy", "only concat is supported: predict goes through every row of every eval_dataset in "
+                               "order. Remove mix_strategy and interleave_probs.")
 
 
 # Generation keys and the greedy values used when neither the YAML nor generation_config.json sets them.

@@ -73,10 +73,9 @@ def api_replies(service: ChatService, tools: list | None) -> tuple[dict, dict]:
     """The API's message, whole and summed from its stream."""
     from fastapi.testclient import TestClient
 
-    from stoker.chat import served_model_name
     from stoker.server.app import create_app
 
-    body = {"model": served_model_name(service.settings), "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    body = {"model": service.models.configured.id, "messages": [{"role": "user", "content": "Weather in Paris?"}]}
     if tools:
         body["tools"] = tools
     with TestClient(create_app(service, service.settings)) as http:

@@ -76,3 +76,27 @@ def test_bad_cpu_matmul_value_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="cpu_matmul") as err:
         load_settings(None, {"cpu_matmul": "fast"})
     assert "packed" in err.value.message and "stock" in err.value.message
+
+
+def test_linear_subclasses_with_their_own_forward_are_left_alone() -> None:
+    """A MoE router (Llama4Router, PhimoeTopKRouter) subclasses nn.Linear and adds top-k and a sigmoid in its own
+    forward: replacing that forward would hand the model raw logits."""
+
+    class Router(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = super().forward(x)
+            top = torch.topk(scores, 2, dim=-1)
+            return torch.zeros_like(scores).scatter(-1, top.indices, torch.sigmoid(top.values))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), Router(1024, 512)).eval()
+    reference = torch.nn.Sequential(torch.nn.Linear(512, 1024), Router(1024, 512)).eval()
+    reference.load_state_dict(model.state_dict())
+    packed = PackedLinears.install(model, "packed")
+    assert packed is not None and packed.layers == 1  # the plain layer only
+    rows = torch.randn(64, 512)
+    with torch.inference_mode(), packed.active():
+        out = model(rows)
+    expected = reference(rows)
+    assert ((out > 0).sum(-1) == 2).all()  # still the router's top-2 sigmoid scores, not raw logits
+    assert torch.allclose(out, expected, atol=1e-5)

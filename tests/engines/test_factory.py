@@ -9,6 +9,7 @@ import pytest
 from stoker.config import settings_from_dict
 from stoker.engines.factory import AdapterPlan, plan_adapters
 from stoker.errors import ConfigError
+from stoker.models.loader import STACKED_ADAPTER
 
 ONE = {"a": Path("/x/a")}
 TWO = {"a": Path("/x/a"), "b": Path("/x/b")}
@@ -34,6 +35,16 @@ def test_vllm_never_merges_and_takes_one_adapter_for_fixed_weights() -> None:
 
 
 @pytest.mark.parametrize("backend", ["huggingface", "vllm"])
-def test_per_request_adapters_stay_apart_on_both_backends(backend: str) -> None:
-    assert plan(TWO, per_request=True, infer_backend=backend) == AdapterPlan(merge=False, default=None,
+def test_per_request_adapters_default_to_the_configured_model(backend: str) -> None:
+    assert plan({}, per_request=True, infer_backend=backend) == AdapterPlan(merge=False, default=None,
+                                                                               per_request=True)
+    assert plan(ONE, per_request=True, infer_backend=backend) == AdapterPlan(merge=False, default="a",
                                                                                 per_request=True)
+
+
+def test_several_per_request_adapters_stack_on_huggingface_only() -> None:
+    assert plan(TWO, per_request=True) == AdapterPlan(merge=False, default=STACKED_ADAPTER, per_request=True,
+                                                      stack=True)
+    with pytest.raises(ConfigError, match=r"so it cannot serve the configured model, which applies 2 adapters in "
+                                          r"order \(a, b\)"):
+        plan(TWO, per_request=True, infer_backend="vllm")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stoker.config import Settings, settings_from_dict
-from stoker.engines.base import Completion, GenerationRequest, SamplingParams
+from stoker.engines.base import BASE_WEIGHTS, Completion, GenerationRequest, SamplingParams
 
 # find_spec, not importorskip: importing vllm takes seconds, and collection must stay fast for the rest of the suite.
 pytestmark = [
@@ -60,7 +60,8 @@ def setup(demo_chat: Path, demo_adapter: Path):
     opened = open_engine(settings, per_request_adapters=True)
     engine, tokenizer = opened.engine, opened.tokenizer
     loaded = load_model(settings, merge=False)
-    hf = HFEngine(loaded.model, loaded.tokenizer, adapters=list(loaded.adapters))
+    (name,) = loaded.adapters  # the configured model is the default of both, as the API serves it
+    hf = HFEngine(loaded.model, loaded.tokenizer, adapters=list(loaded.adapters), default_adapter=name)
     (adapter,) = loaded.adapters
     yield engine, hf, tokenizer, adapter
     engine.close()
@@ -120,7 +121,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def requests(tokenizer, params: SamplingParams, adapters=(None,)) -> list[GenerationRequest]:
+def requests(tokenizer, params: SamplingParams, adapters=(BASE_WEIGHTS,)) -> list[GenerationRequest]:
     return [GenerationRequest(chat_ids(tokenizer, q), params, adapter=a) for q in QUESTIONS for a in adapters]
 
 
@@ -139,7 +140,7 @@ def test_greedy_matches_huggingface_with_and_without_the_adapter_in_one_batch(en
 
     # Base and adapter requests interleaved in one batch: vLLM's CPU LoRA kernels give base rows the adapter of the
     # last slot when every slot is taken (see vllm_args.lora_kwargs).
-    reqs = requests(tokenizer, SamplingParams(max_new_tokens=48), adapters=(None, adapter))
+    reqs = requests(tokenizer, SamplingParams(max_new_tokens=48), adapters=(BASE_WEIGHTS, adapter))
     got = engine.generate_batch(reqs)
     assert outcome(got) == outcome(hf.generate_batch(reqs))
     assert all(c.choices[0].finish_reason == "stop" for c in got)  # replies end with <|im_end|>, not the budget
@@ -207,7 +208,7 @@ def test_seeded_sampling_is_reproducible_and_seeded_per_choice(endless, tokenize
 
 
 def test_stream_gives_the_batch_result_delta_by_delta(engine, tokenizer, adapter) -> None:
-    reqs = requests(tokenizer, SamplingParams(48, n=2), adapters=(None, adapter))
+    reqs = requests(tokenizer, SamplingParams(48, n=2), adapters=(BASE_WEIGHTS, adapter))
     want = engine.generate_batch(reqs)
 
     async def run_all():
@@ -335,7 +336,7 @@ def test_config_adapter_applies_to_every_request_in_chat_mode(demo_chat, demo_ad
         assert chat_engine.info.adapters == []
         assert processor is None and generation_config["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
         params = SamplingParams(48)
-        got = chat_engine.generate_batch(requests(tokenizer, params))
+        got = chat_engine.generate_batch(requests(tokenizer, params, adapters=(None,)))
         want = engine.generate_batch(requests(tokenizer, params, adapters=(adapter,)))
         assert outcome(got) == outcome(want)
     finally:

@@ -65,18 +65,39 @@ def test_adapter_changes_identity(demo_chat: Path, demo_adapter: Path) -> None:
             service.engine.close()
 
 
-def test_adapter_folder_adds_its_adapters_sorted_after_the_named_ones(demo_adapter: Path, tmp_path: Path) -> None:
+def test_adapter_folder_is_the_sub_folder_holding_each_adapter(demo_adapter: Path, tmp_path: Path) -> None:
+    """LLaMA-Factory passes adapter_folder to peft as ``subfolder``: the weights live in <adapter>/<adapter_folder>."""
     import shutil
 
     from stoker.models.loader import adapter_paths
 
-    for name in ("b-second", "a-first"):
-        shutil.copytree(demo_adapter, tmp_path / "folder" / name)
-    (tmp_path / "folder" / "notes").mkdir()  # not an adapter: skipped
-    found = adapter_paths(settings_from_dict({"adapter_name_or_path": str(demo_adapter),
-                                              "adapter_folder": str(tmp_path / "folder")}))
-    assert list(found.values()) == [demo_adapter, tmp_path / "folder" / "a-first", tmp_path / "folder" / "b-second"]
-    assert len(set(found)) == 3
+    for run in ("run-a", "run-b"):
+        shutil.copytree(demo_adapter, tmp_path / run / "checkpoint-100")
+    found = adapter_paths(settings_from_dict({"adapter_name_or_path": f"{tmp_path / 'run-a'},{tmp_path / 'run-b'}",
+                                              "adapter_folder": "checkpoint-100"}))
+    assert found == {"run-a": tmp_path / "run-a" / "checkpoint-100", "run-b": tmp_path / "run-b" / "checkpoint-100"}
+    with pytest.raises(ConfigError) as err:
+        adapter_paths(settings_from_dict({"adapter_name_or_path": str(tmp_path / "run-a"), "adapter_folder": "nope"}))
+    assert err.value.message == (
+        f"invalid value for adapter_name_or_path: {str(tmp_path / 'run-a')!r} (adapter_folder 'nope' inside it) has no "
+        "adapter_config.json; expected a LoRA adapter folder saved by peft (or LLaMA-Factory).")
+
+
+def test_adapter_ids_are_readable(demo_adapter: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from stoker.models.loader import adapter_paths
+
+    for where in ("a/lora/sft", "b/lora/sft", "c/lora/sft"):
+        shutil.copytree(demo_adapter, tmp_path / where)
+    written = ",".join(str(tmp_path / w) for w in ("a/lora/sft", "b/lora/sft", "c/lora/sft"))
+    # The last component as written; a repeated one takes its parent's name in front, then a number.
+    assert list(adapter_paths(settings_from_dict({"adapter_name_or_path": written}))) == ["sft", "lora/sft",
+                                                                                           "lora/sft-2"]
+    named = adapter_paths(settings_from_dict({"adapter_name_or_path": f"ember={tmp_path / 'a/lora/sft'},demo:adapter"}))
+    assert list(named) == ["ember", "demo:adapter"] and named["ember"] == tmp_path / "a/lora/sft"
+    with pytest.raises(ConfigError, match="two adapters are named 'x'; give each its own name"):
+        adapter_paths(settings_from_dict({"adapter_name_or_path": f"x={tmp_path / 'a/lora/sft'},x=demo:adapter"}))
 
 
 def test_unmerged_adapters_cannot_be_stacked(demo_chat: Path, demo_adapter: Path, tmp_path: Path) -> None:
@@ -139,3 +160,53 @@ def test_greedy_equals_transformers_generate(demo_chat: Path) -> None:
             assert [t for t in choice.token_ids if t != tokenizer.eos_token_id] == expected
     finally:
         service.engine.close()
+
+
+def test_the_configured_model_of_several_adapters_is_them_applied_in_order(demo_chat: Path, demo_adapter: Path,
+                                                                          tmp_path: Path) -> None:
+    """The API serves base + adapter A + adapter B unmerged as one stacked adapter, beside A and B alone: its tokens
+    equal those of the model with both merged in order (what `stoker chat` runs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stoker.chat import open_chat_service
+
+    torch.manual_seed(0)
+    second = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_chat),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in second.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)  # a nudge: the answer changes a little, not into noise
+    second.save_pretrained(tmp_path / "second")
+    raw = {"model_name_or_path": str(demo_chat), "adapter_name_or_path": f"{demo_adapter},{tmp_path / 'second'}"}
+    prompts = [[{"role": "user", "content": q}] for q in ("Who are you?", "What is the capital of Italy?",
+                                                        "Count from one to ten.")]
+
+    def run(service, adapter: str | None = None) -> tuple[list[list[int]], list[float]]:
+        params = service.sampling_params(max_new_tokens=24, logprobs=0)
+        requests = [service.prepare(p, params, adapter=adapter).request for p in prompts]
+        choices = [c.choices[0] for c in service.generate_batch(requests)]
+        return [c.token_ids for c in choices], [lp.logprob for c in choices for lp in c.logprobs or []]
+
+    def gap(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    merged = open_chat_service(settings_from_dict(raw))
+    try:
+        expected, expected_lp = run(merged)
+    finally:
+        merged.close()
+    api = open_chat_service(settings_from_dict(raw), per_request_adapters=True)
+    try:
+        assert [m.id for m in api.models.all] == [str(demo_chat), demo_adapter.name, "second", f"{demo_chat}:base"]
+        stacked, stacked_lp = run(api)
+        assert stacked == expected and gap(stacked_lp, expected_lp) < 1e-4
+        first, first_lp = run(api, demo_adapter.name)
+        # The second adapter moves every score: the stack really holds both.
+        assert first != expected or gap(first_lp, expected_lp) > 1e-3, gap(first_lp, expected_lp)
+        assert run(api, "__base__")[0] != first
+    finally:
+        api.close()

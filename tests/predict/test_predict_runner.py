@@ -481,7 +481,11 @@ def test_worker_settings_survive_the_trip_through_json() -> None:
 
 def test_nproc_and_world_come_from_the_environment() -> None:
     from stoker.errors import ConfigError
-    from stoker.predict.ranks import World, requested_processes, world_from_env
+    from stoker.predict.launch import plan_launch
+    from stoker.predict.ranks import World, world_from_env
+
+    def requested_processes(env: dict[str, str]) -> int:
+        return plan_launch(env, 0, backend="huggingface").processes
 
     assert world_from_env({}) == World(0, 1, 0, 1)
     assert world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == World(

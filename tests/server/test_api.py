@@ -2,13 +2,15 @@
 client (sync and async) talks to it.
 
 Two servers, one per fixture, each started once for the module:
-- ``server``: the demo chat model with its LoRA adapter served as a second model id. Expected text comes from plain
+- ``server``: the demo chat model with its LoRA adapter (the configured model), the adapter alone and the base
+  weights as three model ids. Expected text comes from plain
   ``transformers`` greedy ``generate`` on the prompt that the model's own Jinja chat template renders.
 - ``limited``: a random-weights model that never stops by itself, ``max_num_seqs=1``, ``max_queue=1``, an API key
-  and an ``API_MODEL_NAME`` from the environment: auth, 429, and cancellation on disconnect.
+  and an ``API_MODEL_NAME`` from the environment, strict about model ids: auth, 404, 429, and cancellation on
+  disconnect.
 
 Plus a schemathesis fuzz run against the server's own /openapi.json, and one in-process test that injects a fault to
-see a 500 in OpenAI's shape. Pure reply-parsing logic (tool calls, reasoning, JSON mode) is in test_api_replies.py.
+see a 500 in OpenAI's shape. Pure reply-parsing logic (tool calls, reasoning, JSON mode) is in tests/chat/test_replies.py.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def limited(demo_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     folder = tmp_path_factory.mktemp("api-limited")
     model = make_endless_model(demo_chat, folder / "endless")
     config = {"model_name_or_path": str(model), "max_num_seqs": 1, "max_queue": 1, "max_batch_tokens": 3500,
-              "api_max_body_mb": 1}
+              "api_max_body_mb": 1, "api_strict_model": True}
     srv = start_server(config, folder, env={"API_KEY": LIMITED_KEY, "API_MODEL_NAME": LIMITED_NAME})
     yield srv
     stop_server(srv)
@@ -156,7 +158,9 @@ WHO = user("Who are you?")
 
 
 def base_id(demo_chat: Path) -> str:
-    return demo_chat.name
+    """The plain base weights of the ``server`` fixture, whose configured model is the demo chat model with its
+    adapter (see test_models_are_the_configured_one_each_adapter_and_the_base)."""
+    return f"{demo_chat}:base"
 
 
 def assert_error(response: httpx.Response, status: int, error_type: str, *, param: str | None = None,
@@ -176,16 +180,22 @@ def assert_error(response: httpx.Response, status: int, error_type: str, *, para
 # ----------------------------------------------------------------------------------------------------------------------
 # Routes, models, adapters
 # ----------------------------------------------------------------------------------------------------------------------
-def test_health_and_models(server: ApiServer, demo_chat: Path, demo_adapter: Path) -> None:
+def test_models_are_the_configured_one_each_adapter_and_the_base(server: ApiServer, demo_chat: Path,
+                                                                   demo_adapter: Path) -> None:
+    configured = str(demo_chat)  # model_name_or_path as written
     health = httpx.get(server.url + "/health", timeout=10)
-    assert health.json() == {"status": "ok", "model": base_id(demo_chat)}
+    assert health.json() == {"status": "ok", "model": configured}
     models = client(server).models.list()
-    assert [m.id for m in models.data] == [base_id(demo_chat), demo_adapter.name]
+    assert [m.id for m in models.data] == [configured, demo_adapter.name, base_id(demo_chat)]
     assert all(m.object == "model" and m.owned_by == "stoker" for m in models.data)
-    assert models.data[1].model_extra["parent"] == base_id(demo_chat)
+    assert [m.model_extra["parent"] for m in models.data] == [None, configured, configured]
     assert client(server).models.retrieve(demo_adapter.name).id == demo_adapter.name
+    # The folder's last component names the configured model too.
+    assert client(server).models.retrieve(demo_chat.name).id == configured
     with pytest.raises(openai.NotFoundError):
         client(server).models.retrieve("nope")
+    log = server.log_text()
+    assert f"serving {configured} ({demo_chat.name} + {demo_adapter.name})" in log
 
 
 def test_chat_matches_transformers(server: ApiServer, ref: Reference, demo_chat: Path) -> None:
@@ -201,24 +211,28 @@ def test_chat_matches_transformers(server: ApiServer, ref: Reference, demo_chat:
     assert reply.usage.total_tokens == prompt_tokens + completion_tokens
 
 
-def test_adapter_is_its_own_model_id(server: ApiServer, ref_adapter: Reference, demo_adapter: Path,
-                                     demo_chat: Path) -> None:
+def test_the_configured_model_applies_the_adapter_and_each_id_selects(server: ApiServer, ref_adapter: Reference,
+                                                                      demo_adapter: Path, demo_chat: Path) -> None:
     sync = client(server)
-    tuned = sync.chat.completions.create(model=demo_adapter.name, messages=WHO)
-    assert tuned.choices[0].message.content == tasks.ADAPTER_IDENTITY_ANSWER == ref_adapter.chat(WHO)[0]
+    for model in (str(demo_chat), demo_chat.name, demo_adapter.name):
+        tuned = sync.chat.completions.create(model=model, messages=WHO)
+        assert tuned.choices[0].message.content == tasks.ADAPTER_IDENTITY_ANSWER == ref_adapter.chat(WHO)[0]
     assert tuned.model == demo_adapter.name
-    # The base id still answers with the base weights: adapters are per request, not merged.
+    # The base id answers with the base weights: adapters are per request, not merged.
     base = sync.chat.completions.create(model=base_id(demo_chat), messages=WHO)
     assert base.choices[0].message.content == tasks.IDENTITY_ANSWER
 
 
-def test_unknown_model_is_404(server: ApiServer) -> None:
-    with pytest.raises(openai.NotFoundError) as err:
-        client(server).chat.completions.create(model="gpt-4o", messages=WHO)
-    assert err.value.status_code == 404
-    assert err.value.body["code"] == "model_not_found" and "gpt-4o" in err.value.body["message"]
-    response = httpx.post(server.v1 + "/completions", json={"model": "gpt-4o", "prompt": "hi"}, timeout=10)
-    assert_error(response, 404, "not_found_error", param="model", code="model_not_found", says="does not exist")
+def test_an_unknown_model_gets_the_configured_one(server: ApiServer, demo_chat: Path) -> None:
+    """LLaMA-Factory's API ignores ``model``; clients written for it send any name ("gpt-3.5-turbo", "test")."""
+    reply = client(server).chat.completions.create(model="gpt-4o", messages=WHO)
+    assert reply.choices[0].message.content == tasks.ADAPTER_IDENTITY_ANSWER
+    assert reply.model == str(demo_chat)  # which model answered
+    response = httpx.post(server.v1 + "/completions", json={"model": "gpt-4o", "prompt": "hi", "max_tokens": 2},
+                          timeout=10)
+    assert response.status_code == 200 and response.json()["model"] == str(demo_chat)
+    logged = [line for line in server.log_text().splitlines() if "unknown model id 'gpt-4o'" in line]
+    assert len(logged) == 1  # once, however many requests name it
 
 
 def test_message_roles_and_content_parts(server: ApiServer, ref: Reference, demo_chat: Path) -> None:
@@ -532,6 +546,16 @@ def test_json_mode(server: ApiServer, demo_chat: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Text completions
 # ----------------------------------------------------------------------------------------------------------------------
+def test_token_id_prompts_are_checked_before_anything_reads_them(server: ApiServer, demo_chat: Path) -> None:
+    url = server.v1 + "/completions"
+    for prompt in ([-5, 3], [[3, 10**9]]):
+        response = httpx.post(url, json={"model": base_id(demo_chat), "prompt": prompt, "echo": True}, timeout=10)
+        error = assert_error(response, 400, "invalid_request_error", param="prompt", says="outside the vocabulary")
+        assert error["message"].startswith("prompt[0] has prompt token ids outside the vocabulary [0, ")
+    response = httpx.post(url, json={"model": base_id(demo_chat), "prompt": [[False]]}, timeout=10)
+    assert_error(response, 400, "invalid_request_error", param="prompt[0][0]", says="prompt[0][0]: Input should be a valid integer")
+
+
 def test_completions_tokenize_the_raw_prompt(server: ApiServer, ref: Reference, demo_chat: Path) -> None:
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = ref.tokenizer(prompt)["input_ids"]
@@ -659,6 +683,16 @@ def test_auth(limited: ApiServer) -> None:
     reply = client(limited, api_key=LIMITED_KEY).chat.completions.create(model=LIMITED_NAME, messages=WHO,
                                                                          max_tokens=5, user="alice")
     assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+
+
+def test_unknown_model_is_404_with_api_strict_model(limited: ApiServer) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(limited, api_key=LIMITED_KEY).chat.completions.create(model="gpt-4o", messages=WHO)
+    assert err.value.status_code == 404
+    assert err.value.body["code"] == "model_not_found" and "gpt-4o" in err.value.body["message"]
+    response = httpx.post(limited.v1 + "/completions", json={"model": "gpt-4o", "prompt": "hi"}, timeout=10,
+                          headers={"Authorization": f"Bearer {LIMITED_KEY}"})
+    assert_error(response, 404, "not_found_error", param="model", code="model_not_found", says="does not exist")
 
 
 def test_request_bodies_over_the_cap_get_413(limited: ApiServer) -> None:

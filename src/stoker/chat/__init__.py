@@ -3,6 +3,7 @@
 - ``service``: ``ChatService`` (prepare a conversation as an engine request, run it, read its reply) and
   ``open_chat_service`` (settings -> a running service, through the engine factory);
 - ``messages``: normalizing a conversation (roles, content parts, images set aside, system prompts);
+- ``models``: the ids a service answers as (the configured model, each adapter, the base weights);
 - ``budget``: the token-budget rules (context, ``max_length``, explicit ``max_tokens``, prompt cuts);
 - ``media``: images placed in the prompt (placeholders, image tokens, processor tensors);
 - ``replies``: tool policies, JSON mode and the incremental reply parser.
@@ -24,8 +25,10 @@ from stoker.chat.replies import (
     tool_call_dicts,
     tool_policy,
 )
-from stoker.chat.service import ChatService, PreparedChat, open_chat_service, served_model_name
+from stoker.chat.models import ServedModel, ServedModels
+from stoker.chat.service import ChatService, PreparedChat, open_chat_service
 from stoker.engines.base import (
+    BASE_WEIGHTS,
     MIN_TEMPERATURE,
     Completion,
     Delta,
@@ -36,6 +39,7 @@ from stoker.engines.base import (
 )
 
 __all__ = [
+    "BASE_WEIGHTS",
     "MIN_TEMPERATURE",
     "ChatService",
     "Completion",
@@ -49,11 +53,12 @@ __all__ = [
     "ReplyParser",
     "ReplyRules",
     "SamplingParams",
+    "ServedModel",
+    "ServedModels",
     "TokenLogprob",
     "ToolPolicy",
     "check_json_mode",
     "open_chat_service",
-    "served_model_name",
     "tool_call_dicts",
     "tool_policy",
 ]

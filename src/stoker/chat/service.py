@@ -17,12 +17,12 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from stoker.chat import budget
 from stoker.chat.media import ImagePrompter
 from stoker.chat.messages import normalize, with_default_system, with_system_note
+from stoker.chat.models import ServedModels, short_name
 from stoker.chat.replies import (
     NO_TOOLS,
     Parse,
@@ -35,7 +35,7 @@ from stoker.chat.replies import (
     tool_policy,
 )
 from stoker.config import Settings, generation_defaults
-from stoker.engines.base import Completion, Delta, DeltaFolder, Engine, EngineInfo, GenerationRequest, SamplingParams
+from stoker.engines.base import Completion, Delta, DeltaFolder, check_token_ids, Engine, EngineInfo, GenerationRequest, SamplingParams
 from stoker.engines.detokenize import decode
 from stoker.errors import RequestError
 from stoker.templates.base import Template
@@ -77,9 +77,10 @@ class ChatService:
     template: Template
     settings: Settings
     generation: dict[str, Any]  # resolved generation defaults (see config.generation_defaults)
-    model_name: str = "model"
+    model_name: str = "model"  # the model as people say it, for messages (API_MODEL_NAME, or the folder's name)
     processor: Any = None
-    adapters: list[str] = field(default_factory=list)  # the config's adapters, in the order they apply
+    adapters: list[str] = field(default_factory=list)  # the config's adapters by id, in the order they apply
+    per_request_adapters: bool = False  # requests may choose an adapter, or the base weights, by model id
 
     # ---------------------------------------------------------------------------------------------------------------
     @property
@@ -160,9 +161,6 @@ class ChatService:
         """``prepare(...).request``: the engine request alone, for callers that read no reply."""
         return self.prepare(messages, params, **options).request
 
-    def normalize(self, messages: list[Message]) -> tuple[list[Message], list[Any]]:
-        return normalize(messages)
-
     def build_prompt(
         self,
         messages: list[Message],
@@ -236,7 +234,7 @@ class ChatService:
     # --- raw prompts (text completions): no template ------------------------------------------------------------------
     def tokenize_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """Text prompts tokenized as is, with the tokenizer's own special tokens (BOS where it adds one); token-id
-        prompts unchanged (the engine checks they are in the vocabulary)."""
+        prompts as given, once they are checked to be in the vocabulary."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt and isinstance(prompt[0], int):
@@ -251,7 +249,9 @@ class ChatService:
                     raise RequestError(f"prompt[{i}] tokenizes to nothing: send some text.", param="prompt")
                 out.append(ids)
             else:
-                out.append(list(item))
+                ids = list(item)
+                check_token_ids(ids, self.info.vocab_size, f"prompt[{i}]")
+                out.append(ids)
         return out
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -299,15 +299,15 @@ class ChatService:
     def close(self) -> None:
         self.engine.close()
 
+    @cached_property
+    def models(self) -> ServedModels:
+        """The models this service answers as, by id (see ``chat.models``)."""
+        return ServedModels.build(model=str(self.settings.model_name_or_path), name=self.settings.api_model_name,
+                                  adapters=self.adapters, selectable=self.per_request_adapters)
+
     def describe(self) -> str:
-        """The model and the adapters in use, for banners and titles: ``base + adapter1 + adapter2``."""
-        return " + ".join([self.model_name, *self.adapters])
-
-
-def served_model_name(settings: Settings) -> str:
-    if settings.api_model_name:
-        return settings.api_model_name
-    return Path(str(settings.model_name_or_path).rstrip("/")).name or "model"
+        """The configured model, for banners and titles: ``base + adapter1 + adapter2``."""
+        return self.models.configured.description
 
 
 def open_chat_service(settings: Settings, *, per_request_adapters: bool = False) -> ChatService:
@@ -323,7 +323,8 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
     opened = open_engine(settings, per_request_adapters=per_request_adapters)
     info = opened.engine.info
     try:
-        template = get_template(settings.template, opened.tokenizer, extra_stop_ids=info.eos_ids)
+        template = get_template(settings.template, opened.tokenizer, extra_stop_ids=info.eos_ids,
+                                tool_format=settings.tool_format, preserve_thinking=settings.preserve_thinking)
     except BaseException:
         opened.engine.close()
         raise
@@ -331,15 +332,14 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
         warning = check_template_mismatch(template, opened.tokenizer)
         if warning:
             logger.warning(warning)
-    applied = [] if per_request_adapters else [*info.merged_adapters, *([info.default_adapter] if info.default_adapter
-                                                                        else [])]
     return ChatService(
         engine=opened.engine,
         tokenizer=opened.tokenizer,
         template=template,
         settings=settings,
         generation=generation_defaults(settings, opened.generation_config),
-        model_name=served_model_name(settings),
+        model_name=settings.api_model_name or short_name(str(settings.model_name_or_path)),
         processor=opened.processor,
-        adapters=applied,
+        adapters=opened.adapters,
+        per_request_adapters=per_request_adapters,
     )

@@ -31,6 +31,10 @@ MIN_TEMPERATURE = 1e-5
 _request_counter = itertools.count()
 
 
+# ``GenerationRequest.adapter`` for the plain base weights, where requests that name no adapter get one by default.
+BASE_WEIGHTS = "__base__"
+
+
 def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{next(_request_counter)}"
 
@@ -64,7 +68,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=new_request_id)
-    adapter: str | None = None  # name of a LoRA adapter to apply, None for the engine's default weights
+    adapter: str | None = None  # a LoRA adapter's name, BASE_WEIGHTS, or None for the engine's default adapter
     # Model-specific multimodal inputs (e.g. {"images": [PIL.Image, ...]}); engines that take none ignore None.
     media: dict[str, Any] | None = None
 
@@ -186,8 +190,7 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
     prompt = list(request.prompt_ids)
     if not prompt:
         raise RequestError(f"{where} has an empty prompt: send at least one token.", param="prompt")
-    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt):
-        raise RequestError(f"{where} has prompt token ids outside the vocabulary [0, {vocab_size}).", param="prompt")
+    check_token_ids(prompt, vocab_size, where)
     if len(prompt) >= max_model_len:
         raise RequestError(
             f"{where} has a prompt of {len(prompt)} tokens, but the context holds {max_model_len} "
@@ -197,6 +200,14 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
     if request.media and not vision:
         raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
     return prompt, min(request.params.max_new_tokens, max_model_len - len(prompt))
+
+
+def check_token_ids(ids: Sequence[object], vocab_size: int | None, where: str) -> None:
+    """Token ids are integers (not booleans) inside the vocabulary."""
+    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab_size is not None and t >= vocab_size)
+           for t in ids):
+        bound = f"[0, {vocab_size})" if vocab_size is not None else "(integers >= 0)"
+        raise RequestError(f"{where} has prompt token ids outside the vocabulary {bound}.", param="prompt")
 
 
 def unknown_adapter(name: str, loaded: Sequence[str]) -> NotFoundError:
@@ -210,6 +221,7 @@ class EngineInfo:
     """What surfaces need to know about the engine and its model; none of them reads the engine's settings."""
 
     max_model_len: int  # context length: prompt + generated tokens must fit
+    vocab_size: int | None = None  # prompt token ids must lie in [0, vocab_size)
     max_num_seqs: int = 64  # sequences (choices) decoded together
     max_batch_tokens: int | None = None  # prompt + new tokens of the running sequences; None: no such cap
     max_queue: int = 256  # waiting requests beyond which a new one is refused (OverloadedError)

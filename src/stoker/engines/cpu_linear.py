@@ -23,7 +23,7 @@ thread, by rows M:
 The break-even sits near 2^19 multiply-adds (rows x in x out) for every shape measured, so that is the rule; one-row
 inputs always keep the stock path, so a request served alone runs exactly the code plain transformers runs.
 
-How: each ``nn.Linear`` of the model keeps its weight and gains a packed copy; its ``forward`` is replaced by one
+How: each ``nn.Linear`` of the model (those whose ``forward`` is ``nn.Linear``'s own) keeps its weight and gains a packed copy; its ``forward`` is replaced by one
 that takes the packed copy only while the calling thread is inside ``PackedLinears.active()`` (the engine's step
 thread, around its forward passes) and the matmul is big enough (``MIN_ROWS`` rows and ``MIN_MACS``). Every other
 caller of the same model object (``model.generate`` in user code, peft, a baseline in a benchmark) still gets plain
@@ -78,7 +78,10 @@ class PackedLinears:
 
         if mode == "stock":
             return None
+        # Only layers that compute exactly F.linear: a subclass with a forward of its own (a MoE router that applies
+        # top-k and a sigmoid, a quantized linear) would lose what its forward adds.
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                   and type(m).forward is torch.nn.Linear.forward
                    and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
         if not linears or not packed_kernels_available():
             if mode == "packed":

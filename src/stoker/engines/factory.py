@@ -15,6 +15,7 @@ from typing import Any
 
 from stoker.config import Settings
 from stoker.engines.base import Engine
+from stoker.models.loader import STACKED_ADAPTER
 from stoker.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger("stoker")
@@ -26,6 +27,7 @@ class OpenedEngine:
     tokenizer: Any
     processor: Any  # vision models only; the chat service renders image prompts with it
     generation_config: dict[str, Any]  # the model's generation_config.json, raw (sampling defaults come from it)
+    adapters: list[str]  # the config's adapters in the order they apply, by id (see models.loader.adapter_paths)
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,41 @@ class AdapterPlan:
     """What becomes of the config's adapters: folded into the weights, applied to every request, or chosen by each."""
 
     merge: bool  # fold them into the weights in order (huggingface only)
-    default: str | None  # the one adapter applied to requests that name none
-    per_request: bool  # each request may pick any adapter, or none (the base model)
+    default: str | None  # the adapter applied to requests that name none (the configured model), or None
+    per_request: bool  # each request may pick any adapter, or the base weights
+    stack: bool = False  # serve the adapters, applied in order, as one more adapter (STACKED_ADAPTER)
 
 
-def plan_adapters(settings: Settings, adapters: dict[str, Path], *, per_request: bool) -> AdapterPlan:
-    """The rule both backends follow: several adapters apply in order only when merged, so without merging (always on
-    vLLM, which applies one LoRA per request) a surface that fixes the weights takes one adapter."""
+def plan_adapters(settings: Settings, adapters: dict[str, Path], *, per_request: bool,
+                  quantized: bool = False) -> AdapterPlan:
+    """The rule both backends follow. The configured model is the base with every adapter applied in order:
+
+    - for fixed weights (chat, web chat, predict) the huggingface backend merges them; without merging (always on
+      vLLM, which applies one LoRA per request) only one adapter can be fixed;
+    - for per-request choice (the API) the configured model is the default: the one adapter, or on the huggingface
+      backend the adapters summed into one (a LoRA delta does not depend on the weights it is added to, so the sum
+      is what merging them in order gives); vLLM cannot serve several as one;
+    - a quantized model takes no merge, so it takes one adapter, kept apart (as in LLaMA-Factory).
+    """
     vllm = settings.backend == "vllm"
-    merge = bool(adapters) and not per_request and not vllm and settings.merge_adapters
-    if not adapters or per_request or merge:
-        return AdapterPlan(merge=merge, default=None, per_request=per_request)
+    if per_request:
+        if len(adapters) <= 1:
+            return AdapterPlan(merge=False, default=next(iter(adapters), None), per_request=True)
+        if vllm:
+            raise ConfigError(
+                f"infer_backend: vllm applies one LoRA adapter per request, so it cannot serve the configured model, "
+                f"which applies {len(adapters)} adapters in order ({', '.join(adapters)}). Merge them into the model "
+                "first (e.g. llamafactory-cli export), keep one, or use infer_backend: huggingface, which stacks them."
+            )
+        return AdapterPlan(merge=False, default=STACKED_ADAPTER, per_request=True, stack=True)
+    merge = bool(adapters) and not vllm and not quantized and settings.merge_adapters
+    if not adapters or merge:
+        return AdapterPlan(merge=merge, default=None, per_request=False)
     if len(adapters) > 1:
+        if quantized:
+            raise ConfigError(
+                f"a quantized model cannot have adapters merged into it, and adapter_name_or_path lists "
+                f"{len(adapters)}; merge them into the model before quantizing, or keep one adapter.")
         if vllm:
             raise ConfigError(
                 f"infer_backend: vllm applies one LoRA adapter per request, but adapter_name_or_path lists "
@@ -66,9 +91,12 @@ def open_engine(settings: Settings, *, per_request_adapters: bool = False) -> Op
     """
     from stoker.models.loader import adapter_paths, resolve_model_path
 
+    from stoker.models.facts import read_model_facts
+
     path = resolve_model_path(settings.model_name_or_path, settings=settings)
     adapters = adapter_paths(settings)
-    plan = plan_adapters(settings, adapters, per_request=per_request_adapters)
+    quantized = settings.quantization_bit is not None or read_model_facts(path).quant_method is not None
+    plan = plan_adapters(settings, adapters, per_request=per_request_adapters, quantized=quantized)
     if settings.backend == "vllm":
         return _open_vllm(settings, path, adapters, plan)
     return _open_huggingface(settings, path, adapters, plan)
@@ -79,21 +107,22 @@ def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path],
     from stoker.models.facts import eos_token_ids, read_model_facts
     from stoker.models.loader import load_model
 
-    loaded = load_model(settings, path=path, adapters=adapters, merge=plan.merge)
+    loaded = load_model(settings, path=path, adapters=adapters, merge=plan.merge, stack=plan.stack)
+    selectable = [*adapters, *([STACKED_ADAPTER] if plan.stack else [])]
     engine = HFEngine(
         loaded.model,
         loaded.tokenizer,
         max_num_seqs=settings.max_num_seqs,
         max_batch_tokens=settings.max_batch_tokens,
         max_queue=settings.max_queue,
-        adapters=list(adapters) if adapters and not plan.merge else None,
+        adapters=selectable if adapters and not plan.merge else None,
         default_adapter=plan.default,
         eos_ids=eos_token_ids(loaded.generation_config, read_model_facts(path).eos_token_ids, loaded.tokenizer),
         cpu_matmul=settings.cpu_matmul,
     )
     if plan.merge:
         engine.info.merged_adapters = list(adapters)
-    return OpenedEngine(engine, loaded.tokenizer, loaded.processor, loaded.generation_config)
+    return OpenedEngine(engine, loaded.tokenizer, loaded.processor, loaded.generation_config, list(adapters))
 
 
 def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: AdapterPlan) -> OpenedEngine:
@@ -126,6 +155,7 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
             tokenizer,
             adapters=adapters,
             default_adapter=plan.default,
+            per_request=plan.per_request,
             eos_ids=eos_token_ids(generation_config, facts.eos_token_ids, tokenizer),
             max_queue=settings.max_queue,
             max_batch_tokens=settings.max_batch_tokens,
@@ -140,7 +170,7 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
                 "CPU build that matches torch: pip install torchvision==0.28.0 --index-url "
                 "https://download.pytorch.org/whl/cpu; or use infer_backend: huggingface.") from None
         raise
-    return OpenedEngine(engine, tokenizer, processor, generation_config)
+    return OpenedEngine(engine, tokenizer, processor, generation_config, list(adapters))
 
 
 def visible_gpus() -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stoker.engines.base import (
+    BASE_WEIGHTS,
     Delta,
     EngineInfo,
     GenerationRequest,
@@ -36,7 +37,7 @@ from stoker.errors import OverloadedError, RequestError, StokerError
 
 logger = logging.getLogger("stoker")
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+BASE_ADAPTER = BASE_WEIGHTS  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass(eq=False)
@@ -127,9 +128,9 @@ class HFEngine(ThreadedEngine):
             eos_ids = eos_token_ids({"eos_token_id": eos}, [], tokenizer)
         self._eos_ids = sorted(set(eos_ids))
         self.info = EngineInfo(
-            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
-            max_queue=self.max_queue, eos_ids=self._eos_ids, adapters=list(self._adapters),
-            default_adapter=default_adapter, vision=vision, expands_images=True, backend="huggingface",
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size, max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens, max_queue=self.max_queue, eos_ids=self._eos_ids,
+            adapters=list(self._adapters), default_adapter=default_adapter, vision=vision, expands_images=True, backend="huggingface",
         )
 
         base = model.get_base_model() if self._adapters else model
@@ -209,10 +210,12 @@ class HFEngine(ThreadedEngine):
 
             check_prompt_images(prompt, request.media, self._image_token_id, where=where)
         adapter = self._default_adapter
-        if request.adapter is not None:
+        if request.adapter is not None and request.adapter != BASE_WEIGHTS:
             if request.adapter not in self._adapters:
                 raise unknown_adapter(request.adapter, self._adapters)
             adapter = request.adapter
+        elif request.adapter == BASE_WEIGHTS:
+            adapter = BASE_ADAPTER
         stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
         return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids,
                         media=request.media or None)

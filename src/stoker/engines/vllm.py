@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.engines.base import Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, unknown_adapter
+from stoker.engines.base import BASE_WEIGHTS, Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, unknown_adapter
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
@@ -92,7 +92,8 @@ class VLLMEngine(ThreadedEngine):
     """Stoker's Engine over a vLLM ``LLMEngine`` driven by one background thread.
 
     - ``engine_kwargs``: ``vllm.EngineArgs`` keywords (see ``vllm_args.engine_kwargs``).
-    - ``adapters``: LoRA adapter name -> folder; ``default_adapter`` applies to requests that name none.
+    - ``adapters``: LoRA adapter name -> folder; ``default_adapter`` applies to requests that name none;
+      ``per_request``: requests may pick any of them (else the default adapter is fixed).
     - ``eos_ids``: ids that end every choice, besides each request's own ``stop_token_ids``.
     - ``max_queue``: ``stream`` raises ``OverloadedError`` when this many sequences (choices) wait beyond
       ``max_num_seqs``.
@@ -105,6 +106,7 @@ class VLLMEngine(ThreadedEngine):
         *,
         adapters: dict[str, Path] | None = None,
         default_adapter: str | None = None,
+        per_request: bool = True,
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
         max_batch_tokens: int | None = None,
@@ -146,12 +148,13 @@ class VLLMEngine(ThreadedEngine):
         self.max_queue = max(1, int(max_queue))
         self.info = EngineInfo(
             max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
             max_num_seqs=self.max_num_seqs,
             max_batch_tokens=max_batch_tokens,
             max_queue=self.max_queue,
             eos_ids=self._eos_ids,
-            # With a default adapter the config's weights are fixed, as when the huggingface engine merges them.
-            adapters=[] if default_adapter else list(self._adapters),
+            # Without per-request adapters the config's weights are fixed, as when the huggingface engine merges them.
+            adapters=list(self._adapters) if per_request else [],
             default_adapter=default_adapter,
             vision=vision,
             expands_images=False,  # vLLM runs the model's processor on the raw images itself
@@ -234,7 +237,9 @@ class VLLMEngine(ThreadedEngine):
         prompt, max_new = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                        vision=self._vision)
         lora = self._default_lora
-        if request.adapter is not None:
+        if request.adapter == BASE_WEIGHTS:
+            lora = None
+        elif request.adapter is not None:
             lora = self._loras.get(request.adapter)
             if lora is None:
                 raise unknown_adapter(request.adapter, list(self._loras))

@@ -14,6 +14,7 @@ from typing import Any
 from stoker.config import Settings
 from stoker.errors import ConfigError
 from stoker.models.facts import ModelFacts
+from stoker.models.options import rope_scaling
 
 logger = logging.getLogger("stoker")
 
@@ -50,9 +51,17 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.EngineArgs``. ``vllm_config`` is merged last, so it can override any of them."""
     max_len = settings.vllm_maxlen
-    if facts.context_length is not None:
+    context = facts.context_length
+    overrides: dict[str, Any] = {}
+    current = facts.rope_parameters or {}
+    scaled = rope_scaling(settings, current.get("original_max_position_embeddings") or context)
+    if scaled is not None:
+        params, context = scaled
+        merged = {k: v for k, v in current.items() if k not in ("rope_type", "type", "factor")} | params
+        overrides = {"rope_parameters": merged, "max_position_embeddings": context}
+    if context is not None:
         # vLLM refuses a max_model_len beyond the model's own; vllm_maxlen caps, it does not extend.
-        max_len = min(max_len, facts.context_length)
+        max_len = min(max_len, context)
     kwargs: dict[str, Any] = {
         "model": str(path),
         "tokenizer": str(path),
@@ -63,6 +72,8 @@ def engine_kwargs(
         # Stoker counts and logs its own requests; vLLM's periodic throughput lines would only add noise.
         "disable_log_stats": True,
     }
+    if overrides:
+        kwargs["hf_overrides"] = overrides
     if settings.seed is not None:
         kwargs["seed"] = settings.seed
     if settings.infer_dtype != "auto":

@@ -25,6 +25,8 @@ class ModelFacts:
     eos_token_ids: list[int]  # config.json's eos_token_id, the fallback when generation_config.json has none
     vision: bool
     model_type: str | None = None
+    quant_method: str | None = None  # a checkpoint quantized ahead of time: config.json's quantization_config
+    rope_parameters: dict[str, Any] | None = None  # the text model's RoPE settings (rope_theta included)
 
 
 def read_model_facts(path: Path) -> ModelFacts:
@@ -48,7 +50,16 @@ def read_model_facts(path: Path) -> ModelFacts:
         eos_token_ids=token_ids(text.get("eos_token_id", config.get("eos_token_id"))),
         vision=config.get("vision_config") is not None,
         model_type=config.get("model_type"),
+        quant_method=(config.get("quantization_config") or {}).get("quant_method"),
+        rope_parameters=_rope_parameters(text),
     )
+
+
+def _rope_parameters(text: dict[str, Any]) -> dict[str, Any] | None:
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if "rope_theta" in text:
+        params.setdefault("rope_theta", text["rope_theta"])
+    return params or None
 
 
 def read_generation_config(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from stoker.config import Settings
 from stoker.errors import ConfigError, ModelLoadError
 from stoker.models.facts import read_generation_config
+from stoker.paths import shown
 
 logger = logging.getLogger("stoker")
 
@@ -30,7 +31,9 @@ class LoadedModel:
     processor: Any = None  # vision models only
 
 
-DEMO_PREFIX = "demo:"  # demo:chat, demo:adapter ... name the built-in demo models (built on first use)
+DEMO_PREFIX = "demo:"
+# The adapters of the config applied in order, as one adapter beside them (see apply_adapters).
+STACKED_ADAPTER = "__stacked__"  # demo:chat, demo:adapter ... name the built-in demo models (built on first use)
 
 
 def _demo_model(name: str, *, key: str) -> Path:
@@ -60,7 +63,7 @@ def resolve_model_path(name: str | None, *, key: str = "model_name_or_path", set
         raise ConfigError(f"invalid value for {key}: {name!r} is a file; expected a model folder or a hub id.")
     if not _is_hub_id(name):
         raise ConfigError(
-            f"invalid value for {key}: the folder {name!r} does not exist. Expected a local model folder or a "
+            f"invalid value for {key}: the folder {shown(name)} does not exist. Expected a local model folder or a "
             "Hugging Face hub id such as 'org/model'."
         )
     return _from_hub(name, key=key, settings=settings)
@@ -100,10 +103,14 @@ def load_tokenizer(settings: Settings, path: Path | None = None) -> Any:
     path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(path), use_fast=settings.use_fast_tokenizer, trust_remote_code=settings.trust_remote_code
+            str(path), use_fast=settings.use_fast_tokenizer, trust_remote_code=settings.trust_remote_code,
+            split_special_tokens=settings.split_special_tokens,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
+    from stoker.models.options import check_added_tokens
+
+    check_added_tokens(settings, tokenizer)
     if tokenizer.pad_token_id is None:
         # Batching needs a pad id; it is masked out, so any id will do and eos is always present.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -111,26 +118,45 @@ def load_tokenizer(settings: Settings, path: Path | None = None) -> Any:
 
 
 def adapter_paths(settings: Settings) -> dict[str, Path]:
-    """Adapters named in the config, in order, keyed by a unique name (the folder name)."""
-    names: list[str] = list(settings.adapter_name_or_path)
-    if settings.adapter_folder:
-        folder = Path(settings.adapter_folder).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"invalid value for adapter_folder: {settings.adapter_folder!r} is not a folder.")
-        names += sorted(str(p.parent) for p in folder.glob("*/adapter_config.json"))
+    """The config's adapters in the order they apply, keyed by the id each is served under.
+
+    An entry is a path or hub id, or ``name=path`` to choose the id. Without a name the id is the last component of
+    the path as written (``saves/qwen/lora/sft`` is ``sft``, ``demo:adapter`` stays ``demo:adapter``); a repeated id
+    takes its parent folder's name in front (``qwen/sft``). ``adapter_folder`` is LLaMA-Factory's: the sub-folder of
+    each adapter path that holds the adapter's files.
+    """
     out: dict[str, Path] = {}
-    for name in names:
-        path = resolve_model_path(name, key="adapter_name_or_path", settings=settings)
+    for entry in settings.adapter_name_or_path:
+        name, sep, written = entry.partition("=")
+        if not sep or not name or "/" in name:
+            name, written = "", entry
+        path = resolve_model_path(written, key="adapter_name_or_path", settings=settings)
+        if settings.adapter_folder:
+            path = path / settings.adapter_folder
         if not (path / "adapter_config.json").is_file():
+            inside = f" (adapter_folder {settings.adapter_folder!r} inside it)" if settings.adapter_folder else ""
             raise ConfigError(
-                f"invalid value for adapter_name_or_path: {name!r} has no adapter_config.json; expected a LoRA "
-                "adapter folder saved by peft (or LLaMA-Factory)."
+                f"invalid value for adapter_name_or_path: {shown(written)}{inside} has no adapter_config.json; expected a "
+                "LoRA adapter folder saved by peft (or LLaMA-Factory)."
             )
-        key = path.name
-        while key in out:
-            key += "_"
-        out[key] = path
+        out[_adapter_id(name, written, out)] = path
     return out
+
+
+def _adapter_id(name: str, written: str, taken: dict[str, Path]) -> str:
+    if name:
+        if name in taken:
+            raise ConfigError(f"invalid value for adapter_name_or_path: two adapters are named {name!r}; give each "
+                              "its own name (name=path).")
+        return name
+    parts = [p for p in written.replace("\\", "/").split("/") if p]
+    key = parts[-1] if parts else written
+    if key in taken and len(parts) > 1:
+        key = "/".join(parts[-2:])
+    base, n = key, 2
+    while key in taken:
+        key, n = f"{base}-{n}", n + 1
+    return key
 
 
 def pick_device(settings: Settings) -> str:
@@ -140,6 +166,8 @@ def pick_device(settings: Settings) -> str:
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("invalid value for device: 'cuda' but no CUDA GPU is visible; use device: auto or cpu.")
         return settings.device
+    if not settings.low_cpu_mem_usage:
+        return "cpu"  # LLaMA-Factory then passes no device map, and the model stays where it loads
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -152,6 +180,11 @@ def pick_dtype(settings: Settings, device: str) -> Any:
 
     if settings.infer_dtype != "auto":
         return getattr(torch, settings.infer_dtype)
+    # A predict YAML's training flags set the compute dtype, as in LLaMA-Factory's train path.
+    if settings.bf16 or settings.pure_bf16:
+        return torch.bfloat16
+    if settings.fp16:
+        return torch.float16
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
@@ -165,12 +198,13 @@ def load_model(
     path: Path | None = None,
     adapters: dict[str, Path] | None = None,
     merge: bool | None = None,
+    stack: bool = False,
 ) -> LoadedModel:
     """Load the base model and apply the config's adapters.
 
     ``path`` and ``adapters``: already resolved (by default from the settings). ``merge``: fold the adapters into the
     weights (fast, fixed) or keep them as named peft adapters that a request can select. Default:
-    ``settings.merge_adapters``.
+    ``settings.merge_adapters``. ``stack``: unmerged, also add ``STACKED_ADAPTER`` (see ``apply_adapters``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -182,25 +216,29 @@ def load_model(
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+    kwargs = _load_kwargs(settings, config, device, dtype)
     processor = None
     from stoker.models.vision import is_vision_config, load_vision_model
 
     if is_vision_config(config, settings):
-        model, processor = load_vision_model(path, settings, dtype=dtype)
+        model, processor = load_vision_model(path, settings, kwargs)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, trust_remote_code=settings.trust_remote_code
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}") from None
-    model.to(device)
+    if "device_map" not in kwargs:
+        model.to(device)
     model.eval()  # the engines run under torch.inference_mode; grad mode is left alone for the caller
+    if settings.print_param_status:
+        from stoker.models.options import log_param_status
+
+        log_param_status(model)
 
     adapters = adapter_paths(settings) if adapters is None else adapters
     merge = settings.merge_adapters if merge is None else merge
     if adapters:
-        model = apply_adapters(model, adapters, merge=merge)
+        model = apply_adapters(model, adapters, merge=merge, stack=stack)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -212,8 +250,35 @@ def load_model(
     )
 
 
-def apply_adapters(model: Any, adapters: dict[str, Path], *, merge: bool) -> Any:
-    """Apply LoRA adapters in order. Merged: each folded into the weights before the next is applied."""
+def _load_kwargs(settings: Settings, config: Any, device: str, dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords: dtype, and LLaMA-Factory's RoPE, attention and quantization keys."""
+    from stoker.models.options import attention_implementation, quantization_config, scale_rope
+
+    scale_rope(settings, config)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code, "config": config}
+    attention = attention_implementation(settings, device)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
+    quantization = quantization_config(settings, config, device)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        # As LLaMA-Factory: a quantized model loads onto one device (bitsandbytes places it as it quantizes).
+        kwargs["device_map"] = {"": device}
+    if settings.tf32 is not None and device == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+    return kwargs
+
+
+def apply_adapters(model: Any, adapters: dict[str, Path], *, merge: bool, stack: bool = False) -> Any:
+    """Apply LoRA adapters in order. Merged: each folded into the weights before the next is applied.
+
+    ``stack`` (unmerged): also add ``STACKED_ADAPTER``, their deltas side by side in one adapter (peft's "cat"
+    combination, rank the sum of theirs). A LoRA delta does not depend on the weights it is added to, so this one
+    adapter gives what merging them in order gives, while each stays selectable on its own.
+    """
     from peft import PeftModel
 
     peft_model = None
@@ -232,6 +297,16 @@ def apply_adapters(model: Any, adapters: dict[str, Path], *, merge: bool) -> Any
                 "on this model_name_or_path."
             ) from None
     if peft_model is not None:
+        if stack and len(adapters) > 1:
+            try:
+                peft_model.add_weighted_adapter(list(adapters), [1.0] * len(adapters), STACKED_ADAPTER,
+                                                combination_type="cat")
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelLoadError(
+                    f"the adapters {', '.join(adapters)} cannot be served together as the configured model: "
+                    f"{detail[:300]}. Merge them into the model first, or configure one adapter."
+                ) from None
         peft_model.eval()
         return peft_model
     return model

@@ -62,19 +62,17 @@ def load_processor(path: Path, settings: Settings) -> Any:
     return processor
 
 
-def load_vision_model(path: Path, settings: Settings, *, dtype: Any) -> tuple[Any, Any]:
+def load_vision_model(path: Path, settings: Settings, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """The model (LLaVA and Qwen2-VL by their own classes, others through ``AutoModelForImageTextToText``) and its
-    processor."""
+    processor; ``kwargs`` go to ``from_pretrained`` (the config among them)."""
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path, settings)
-    remote = settings.trust_remote_code
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
-        name = MODEL_CLASSES.get(config.model_type)
+        name = MODEL_CLASSES.get(kwargs["config"].model_type)
         cls = getattr(transformers, name) if name else AutoModelForImageTextToText
-        model = cls.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
+        model = cls.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the vision model from {path}: {type(exc).__name__}: {exc}") from None
     return model, processor
@@ -83,6 +81,14 @@ def load_vision_model(path: Path, settings: Settings, *, dtype: Any) -> tuple[An
 def configure_processor(processor: Any, settings: Settings) -> None:
     """Processors that size images by pixel count (Qwen2-VL) get the config's bounds, as LLaMA-Factory sets them."""
     image_processor = processor.image_processor
+    for key in ("image_do_pan_and_scan", "crop_to_patches"):
+        if getattr(settings, key):
+            attribute = "do_pan_and_scan" if key == "image_do_pan_and_scan" else key
+            if not hasattr(image_processor, attribute):
+                raise ConfigError(f"{key}: the image processor of this model ({type(image_processor).__name__}) has "
+                                  f"no {attribute}; it applies to Gemma 3 (pan and scan) and InternVL (crops). "
+                                  "Remove the key.", param=key)
+            setattr(image_processor, attribute, True)
     size = getattr(image_processor, "size", None)
     if isinstance(size, dict) and "longest_edge" in size and hasattr(image_processor, "merge_size"):
         image_processor.size = {**size, "shortest_edge": settings.image_min_pixels,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from stoker.errors import ConfigError, DataError
 from stoker.predict.dataset_info import DatasetSpec, get_dataset_spec, read_dataset_info
 from stoker.predict.examples import Example, MediaResolver, RowProblem, convert_row
-from stoker.predict.readers import read_rows
+from stoker.predict.readers import local_files, read_rows
 
 logger = logging.getLogger("stoker")
 
@@ -60,17 +60,7 @@ def load_datasets(
     token: str | None = None,
 ) -> list[EvalDataset]:
     """Load each named dataset (``eval_dataset`` is a comma list; pass it split) in the order given."""
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise ConfigError(
-            "no dataset to predict on: set eval_dataset (or dataset) to one or more names from dataset_info.json.",
-            param="eval_dataset",
-        )
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(
-            f"eval_dataset lists {', '.join(repeated)} more than once; list each dataset once.", param="eval_dataset"
-        )
+    names = [spec.name for spec in check_datasets(names, dataset_dir)]
     if on_bad_row not in ("skip", "error"):
         raise ConfigError(f"on_bad_row is {on_bad_row!r}; allowed: skip, error.", param="on_bad_row")
     info = read_dataset_info(dataset_dir)
@@ -87,6 +77,31 @@ def load_datasets(
         )
         for name in names
     ]
+
+
+def check_datasets(names: Sequence[str], dataset_dir: str | Path) -> list[DatasetSpec]:
+    """What can be known before reading any row: every name is defined once, predictable, and its local files
+    exist. Cheap (no data file is read), so every predict run checks this before the model loads."""
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ConfigError(
+            "no dataset to predict on: set eval_dataset (or dataset) to one or more names from dataset_info.json.",
+            param="eval_dataset",
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(
+            f"eval_dataset lists {', '.join(repeated)} more than once; list each dataset once.", param="eval_dataset"
+        )
+    info = read_dataset_info(dataset_dir)
+    specs = []
+    for name in names:
+        spec = get_dataset_spec(name, dataset_dir, info)
+        _check_predictable(spec)
+        if spec.source == "file":
+            local_files(spec, dataset_dir)
+        specs.append(spec)
+    return specs
 
 
 def load_dataset(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stoker.errors import DataError
+from stoker.paths import shown
 
 INFO_FILE = "dataset_info.json"
 
@@ -91,9 +92,9 @@ def read_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The raw entries of ``dataset_dir/dataset_info.json``."""
     path = Path(dataset_dir) / INFO_FILE
     if not path.is_file():
-        hint = "" if Path(dataset_dir).is_dir() else f" (the folder {dataset_dir} does not exist)"
+        hint = "" if Path(dataset_dir).is_dir() else ", a folder that does not exist"
         raise DataError(
-            f"no {INFO_FILE} in dataset_dir {dataset_dir}{hint}: set dataset_dir to the folder that holds "
+            f"no {INFO_FILE} in dataset_dir {shown(dataset_dir)}{hint}: set dataset_dir to the folder that holds "
             f"{INFO_FILE} (LLaMA-Factory's is its data/ folder).",
             param="dataset_dir",
         )

@@ -6,8 +6,9 @@ Every process holds its own model replica and predicts the rows whose position `
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
 
 - ``torchrun --nproc_per_node N -m stoker predict cfg.yaml`` sets it;
-- ``NPROC_PER_NODE=N stoker predict cfg.yaml``: ``launch_workers`` starts N copies of ``stoker.predict.worker`` on
-  127.0.0.1 and waits for them.
+- ``stoker predict cfg.yaml`` with several GPUs visible (or ``NPROC_PER_NODE=N`` / ``FORCE_TORCHRUN``; see
+  ``predict.launch``): ``launch_workers`` starts the copies of ``stoker.predict.worker`` on 127.0.0.1 and waits
+  for them.
 
 When a step fails on some process, all of them learn it at the next agreement point (``Group.agree``): the lowest
 failing rank raises its error (the one message the user sees) and the others stop quietly with ``PeerFailed``.
@@ -32,12 +33,12 @@ from typing import Any, TypeVar
 
 from stoker.config import Settings
 from stoker.errors import ConfigError
+from stoker.predict.launch import NPROC_ENV, LaunchPlan
 
 logger = logging.getLogger("stoker")
 
 T = TypeVar("T")
 
-NPROC_ENV = "NPROC_PER_NODE"
 SETTINGS_ENV = "STOKER_PREDICT_SETTINGS"  # the launcher hands the validated settings to its workers as JSON
 DEBUG_ENV = "STOKER_PREDICT_DEBUG"
 # Processes wait for the slowest one at the end of generation, which can take hours; a crashed process is noticed
@@ -83,21 +84,6 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
     if not 0 <= rank < size:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={size}; start the processes with torchrun.")
     return World(rank, size, local_rank, local_size)
-
-
-def requested_processes(env: dict[str, str] | None = None) -> int:
-    """``NPROC_PER_NODE`` when this process should launch the workers itself (it is not one of them already)."""
-    env = dict(os.environ) if env is None else env
-    raw = env.get(NPROC_ENV, "").strip()
-    if not raw or "WORLD_SIZE" in env:
-        return 1
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ConfigError(f"{NPROC_ENV}={raw!r}; expected a number of processes >= 1 (e.g. {NPROC_ENV}=2).")
-    return count
 
 
 # --- agreement between processes -----------------------------------------------------------------------------------
@@ -178,14 +164,19 @@ def end_process(code: int) -> int:
 # --- the NPROC_PER_NODE launcher -----------------------------------------------------------------------------------
 
 
-def launch_workers(settings: Settings, count: int) -> int:
-    """Run predict in ``count`` worker processes on this machine; returns the exit code for the CLI.
+def launch_workers(settings: Settings, plan: LaunchPlan) -> int:
+    """Run predict in ``plan.processes`` worker processes on this machine; returns the exit code for the CLI.
 
-    Workers share the CPU cores between them (``OMP_NUM_THREADS``, unless set already) and, with at least ``count``
-    GPUs visible, get one GPU each (``CUDA_VISIBLE_DEVICES``). The first worker that fails stops the others.
+    Workers share the CPU cores between them (``OMP_NUM_THREADS``, unless set already) and, with enough GPUs
+    visible, get ``plan.gpus_per_process`` each (``CUDA_VISIBLE_DEVICES``; more than one is vLLM tensor
+    parallelism). The first worker that fails stops the others.
     """
+    count, per = plan.processes, plan.gpus_per_process
+    if per > 1:
+        settings = dataclasses.replace(settings, vllm_tensor_parallel_size=per)
     base = dict(os.environ)
     base.pop(NPROC_ENV, None)
+    base.pop("FORCE_TORCHRUN", None)
     base[SETTINGS_ENV] = settings_to_json(settings)
     if logger.isEnabledFor(logging.DEBUG):
         base[DEBUG_ENV] = "1"
@@ -196,15 +187,16 @@ def launch_workers(settings: Settings, count: int) -> int:
     if "OMP_NUM_THREADS" not in base:
         base["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // count))
     gpus = _gpu_ids(base)
-
-    logger.info("predict: starting %d worker processes (%s)", count,
-                "one GPU each" if len(gpus) >= count else f"{base['OMP_NUM_THREADS']} CPU threads each")
+    pinned = len(gpus) >= count * per
+    logger.info("predict: %s; starting %d worker processes (%s)", plan.reason, count,
+                (f"{per} GPUs each" if per > 1 else "one GPU each") if pinned
+                else f"{base['OMP_NUM_THREADS']} CPU threads each")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(count):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            if len(gpus) >= count:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+            if pinned:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * per : (rank + 1) * per])
             procs.append(subprocess.Popen([sys.executable, "-m", "stoker.predict.worker"], env=env))
         return _wait_all(procs)
     except KeyboardInterrupt:
@@ -248,7 +240,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], sig: int, *, grace: float) -> No
 
 
 def settings_to_json(settings: Settings) -> str:
-    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "origins"}
     return json.dumps(values, default=str)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,9 +32,10 @@ from stoker.config import Settings
 from stoker.errors import ConfigError, DataError
 from stoker.predict.data import BadRow, EvalDataset, load_datasets
 from stoker.predict.examples import Example, RowKey
+from stoker.predict.launch import NPROC_ENV, LaunchPlan, plan_launch, visible_devices, weights_bytes
 from stoker.predict.metrics import check_scorers, compute_similarity, speed_metrics, with_prefix
 from stoker.predict.prompts import RenderedRow, render_rows
-from stoker.predict.ranks import Group, PeerFailed, World, launch_workers, pin_gpu, requested_processes, world_from_env
+from stoker.predict.ranks import Group, PeerFailed, World, launch_workers, pin_gpu, world_from_env
 from stoker.predict.writer import (
     ALL_RESULTS_FILE,
     OUTPUT_KEYS,
@@ -51,12 +53,32 @@ _SHOWN = 5  # bad rows quoted in a message
 
 
 def run_predict(settings: Settings) -> int:
-    """Entry point for the CLI: one process, torchrun's workers, or (``NPROC_PER_NODE=N``) a launcher of N workers."""
-    _check_settings(settings)
-    count = requested_processes()
-    if count > 1:
-        return launch_workers(settings, count)
+    """Entry point for the CLI: one process, torchrun's workers, or a launcher of one worker per GPU (or
+    ``NPROC_PER_NODE=N``), as ``predict.launch`` decides."""
+    from stoker.preflight import preflight
+
+    preflight(engine_settings(settings), "predict")  # a bad config stops here, before any process or model starts
+    plan = launch_plan(settings)
+    if plan.launches:
+        return launch_workers(settings, plan)
     return predict(settings, world_from_env())
+
+
+def launch_plan(settings: Settings, env: dict[str, str] | None = None) -> LaunchPlan:
+    """This machine's launch: its visible GPUs and, for vLLM, whether the model fits one."""
+    env = dict(os.environ) if env is None else env
+    if "WORLD_SIZE" in env or (env.get(NPROC_ENV) or "").strip() == "1":
+        return plan_launch(env, 0, backend=settings.backend)  # no need to look at the GPUs
+    devices, memory = visible_devices()
+    model_bytes, heads = None, None
+    if settings.backend == "vllm" and devices > 1:
+        from stoker.models.facts import read_model_facts
+        from stoker.models.loader import resolve_model_path
+
+        path = resolve_model_path(settings.model_name_or_path, settings=settings)
+        model_bytes, heads = weights_bytes(path), read_model_facts(path).num_attention_heads
+    return plan_launch(env, devices, backend=settings.backend, model_bytes=model_bytes, device_bytes=memory,
+                       gpu_util=settings.vllm_gpu_util, heads=heads)
 
 
 @dataclass
@@ -90,7 +112,7 @@ def predict(settings: Settings, world: World) -> int:
         if world.is_main:
             _log_plan(plan.datasets, done, world)
 
-        def open_and_render() -> tuple[Any, list[RenderedRow], list[BadRow]]:
+        def open_and_render() -> tuple[ChatService | None, list[RenderedRow], list[BadRow]]:
             if not mine:
                 return None, [], []
             pin_gpu(world)
@@ -139,21 +161,6 @@ def predict(settings: Settings, world: World) -> int:
 # --- setup ---------------------------------------------------------------------------------------------------------
 
 
-def _check_settings(settings: Settings) -> None:
-    if not settings.output_dir:
-        raise ConfigError(
-            "predict writes its files to output_dir, which is not set: add output_dir: path/to/folder to the config "
-            "(or pass output_dir=...).",
-            param="output_dir",
-        )
-    if not (settings.eval_dataset or settings.dataset):
-        raise ConfigError(
-            "no dataset to predict on: set eval_dataset (or dataset) to one or more names from "
-            f"{Path(settings.dataset_dir) / 'dataset_info.json'}.",
-            param="eval_dataset",
-        )
-
-
 def _load(settings: Settings, world: World) -> _Plan:
     datasets = load_datasets(
         settings.eval_dataset or settings.dataset,
@@ -186,7 +193,9 @@ def model_folders(settings: Settings) -> list[Path]:
 
 def engine_settings(settings: Settings) -> Settings:
     # per_device_eval_batch_size is how many rows LLaMA-Factory generates together; here it caps the engine's rows.
-    return dataclasses.replace(settings, max_num_seqs=settings.per_device_eval_batch_size)
+    # LLaMA-Factory's train path sets model_max_length to cutoff_len, which sizes rope_scaling's factor.
+    return dataclasses.replace(settings, max_num_seqs=settings.per_device_eval_batch_size,
+                               model_max_length=settings.model_max_length or settings.cutoff_len)
 
 
 def _all_examples(datasets: Sequence[EvalDataset]) -> list[Example]:
@@ -218,7 +227,7 @@ def generate_rows(
     progress = _progress(len(rows), show_progress)
     started = time.perf_counter()
 
-    def write(batch: list[RenderedRow], completions: list[Any]) -> None:
+    def write(batch: list[RenderedRow], completions: list[Completion]) -> None:
         for row, completion in zip(batch, completions):
             part.write(prediction_record(service, row, completion))
             stats.rows += 1
@@ -228,12 +237,12 @@ def generate_rows(
         elapsed = max(time.perf_counter() - started, 1e-9)
         progress(len(batch), f"{stats.completion_tokens / elapsed:.0f} tok/s")
 
-    def submit(pool: ThreadPoolExecutor, batch: list[RenderedRow]) -> Future[list[Any]]:
+    def submit(pool: ThreadPoolExecutor, batch: list[RenderedRow]) -> Future[list[Completion]]:
         return pool.submit(service.generate_batch, [r.request() for r in batch])
 
     pool = ThreadPoolExecutor(max_workers=CHUNKS_IN_FLIGHT, thread_name_prefix="stoker-predict")
     pending = iter(chunks)
-    running: dict[Future[list[Any]], list[RenderedRow]] = {}
+    running: dict[Future[list[Completion]], list[RenderedRow]] = {}
     try:
         for batch in pending:
             running[submit(pool, batch)] = batch

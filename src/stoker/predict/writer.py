@@ -46,6 +46,8 @@ OUTPUT_KEYS = (
     "num_beams", "max_new_tokens", "max_length", "repetition_penalty", "length_penalty", "skip_special_tokens", "seed",
     "dataset_dir", "dataset", "eval_dataset", "media_dir", "max_samples", "cutoff_len", "on_bad_row",
     "image_max_pixels", "image_min_pixels", "model_revision", "vllm_maxlen", "vllm_config",
+    "quantization_bit", "quantization_method", "quantization_type", "double_quantization", "rope_scaling",
+    "flash_attn", "tool_format", "preserve_thinking", "split_special_tokens", "bf16", "fp16", "pure_bf16",
 )  # fmt: skip
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".tiktoken")

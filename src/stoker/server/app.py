@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from stoker import __version__
-from stoker.errors import ConfigError
+from stoker.errors import ConfigError, NotFoundError
 from stoker.server.auth import bearer_auth
 from stoker.server.errors import install_error_handlers
 from stoker.server.middleware import BodyLimitMiddleware, ObservabilityMiddleware
@@ -51,9 +51,7 @@ _STREAMABLE = {200: {"content": {"text/event-stream": {"schema": {"type": "strin
 
 def create_app(service: ChatService, settings: Settings) -> FastAPI:
     """The app over an opened chat service: ``chat.open_chat_service(settings, per_request_adapters=True)``."""
-    from stoker.chat import served_model_name
-
-    state = ServerState(service=service, settings=settings, base_model=served_model_name(settings))
+    state = ServerState(service=service, settings=settings)
     app = FastAPI(
         title="Stoker",
         version=__version__,
@@ -69,8 +67,12 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     @v1.get("/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
-        state.adapter_for(model_id)  # 404 for an unknown id
-        return next(card for card in state.model_cards() if card.id == model_id)
+        served = service.models.resolve(model_id)
+        if served is None:
+            known = ", ".join(repr(card.id) for card in state.model_cards())
+            raise NotFoundError(f"The model {model_id!r} does not exist on this server. Served models: {known}.",
+                                param="model", code="model_not_found")
+        return next(card for card in state.model_cards() if card.id == served.id)
 
     @v1.post("/chat/completions", response_model=ChatCompletion, responses=_STREAMABLE)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -84,7 +86,7 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
-        return Health(model=state.base_model)
+        return Health(model=state.configured_model)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
@@ -93,18 +95,20 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_mb * 1024**2)
     app.add_middleware(ObservabilityMiddleware, metrics=state.metrics)  # added last: the outermost
-    app.openapi = lambda: _openapi_with_model_ids(app, [card.id for card in state.model_cards()])  # type: ignore
+    ids = [card.id for card in state.model_cards()]
+    app.openapi = lambda: _openapi_with_model_ids(app, ids, strict=settings.api_strict_model)  # type: ignore
     return app
 
 
-def _openapi_with_model_ids(app: FastAPI, model_ids: list[str]) -> dict[str, Any]:
-    """FastAPI's schema, with the served model ids as the values ``model`` may take (clients and fuzzers see them)."""
+def _openapi_with_model_ids(app: FastAPI, model_ids: list[str], *, strict: bool) -> dict[str, Any]:
+    """FastAPI's schema, with the served model ids as the values ``model`` takes (clients and fuzzers see them):
+    the only ones allowed with ``api_strict_model``, else examples (any id gets the configured model)."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for name in ("ChatCompletionRequest", "CompletionRequest"):
-            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = model_ids
+            schema["components"]["schemas"][name]["properties"]["model"]["enum" if strict else "examples"] = model_ids
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -123,8 +127,9 @@ def run_api(settings: Settings) -> int:
         state: ServerState = app.state.stoker
         shown_host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
         logger.info(
-            "serving %s on http://%s:%d/v1 (models: %s)%s",
-            state.base_model,
+            "serving %s (%s) on http://%s:%d/v1 (models: %s)%s",
+            state.configured_model,
+            service.describe(),
             shown_host,
             sock.getsockname()[1],
             ", ".join(card.id for card in state.model_cards()),

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 # Status for "the client closed the connection before the answer" (nginx's convention); never reaches a client.
 CLIENT_CLOSED = 499
@@ -142,8 +142,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[
-        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
+    # Token ids are strict integers: JSON's true/false are not ids.
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
+        list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)
     ]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for text completions
     logprobs: int | None = Field(default=None, ge=0, le=5)

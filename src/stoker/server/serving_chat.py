@@ -42,6 +42,7 @@ from stoker.server.streams import StreamTally, respond, sse_answer
 @dataclass
 class ChatPlan:
     chat: PreparedChat
+    model: str  # the id of the model that answers
     top_logprobs: int | None  # None: no logprobs
     include_usage: bool
 
@@ -56,8 +57,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     plan = plan_chat(state, body, request_id)
     return await respond(
         http, state.metrics, state.service, [plan.chat.request], started=started, stream=body.stream,
-        events=lambda streams: chat_events(state, plan, streams[0], request_id, body.model),
-        result=lambda streams: chat_result(state, plan, streams[0], request_id, body.model),
+        events=lambda streams: chat_events(state, plan, streams[0], request_id, plan.model),
+        result=lambda streams: chat_result(state, plan, streams[0], request_id, plan.model),
     )
 
 
@@ -65,7 +66,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 # Planning: request fields -> the chat service's request
 # --------------------------------------------------------------------------------------------------------------------
 def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str) -> ChatPlan:
-    adapter = state.adapter_for(body.model)
+    served, answered_as = state.model_for(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true.", param="top_logprobs")
     policy = policy_of(body)
@@ -83,13 +84,13 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str) 
         params,
         tools=policy,
         json_mode=json_mode,
-        adapter=adapter,
+        adapter=served.adapter,
         enable_thinking=thinking if isinstance(thinking, bool) else None,
         request_id=request_id,
     )
     state.service.check_budget(len(chat.request.prompt_ids), chat.request.params, requested, param)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(chat, top, include_usage)
+    return ChatPlan(chat, answered_as, top, include_usage)
 
 
 def policy_of(body: ChatCompletionRequest) -> ToolPolicy:

@@ -32,6 +32,7 @@ from stoker.server.streams import StreamTally, merge, respond, sse_answer
 @dataclass
 class CompletionPlan:
     requests: list[GenerationRequest]
+    model: str  # the id of the model that answers
     echo_texts: list[str]  # per prompt: the prompt text when echo is on, else ""
     n: int
     logprobs: int | None
@@ -44,13 +45,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, http: R
     plan = plan_completion(state, body, request_id)
     return await respond(
         http, state.metrics, state.service, plan.requests, started=started, stream=body.stream,
-        events=lambda streams: completion_events(state, plan, streams, request_id, body.model),
-        result=lambda streams: completion_result(state, plan, streams, request_id, body.model),
+        events=lambda streams: completion_events(state, plan, streams, request_id, plan.model),
+        result=lambda streams: completion_result(state, plan, streams, request_id, plan.model),
     )
 
 
 def plan_completion(state: ServerState, body: CompletionRequest, request_id: str) -> CompletionPlan:
-    adapter = state.adapter_for(body.model)
+    served, answered_as = state.model_for(body.model)
     if body.suffix:
         raise RequestError("suffix (fill-in-the-middle) is not supported: remove it.", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -69,10 +70,10 @@ def plan_completion(state: ServerState, body: CompletionRequest, request_id: str
         service.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
         suffix = f"-{i}" if len(prompts) > 1 else ""
         requests.append(GenerationRequest(prompt_ids=ids, params=replace(fitted), request_id=request_id + suffix,
-                                          adapter=adapter))
+                                          adapter=served.adapter))
         echo_texts.append(service.decode(ids) if body.echo else "")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return CompletionPlan(requests, echo_texts, body.n, body.logprobs, include_usage)
+    return CompletionPlan(requests, answered_as, echo_texts, body.n, body.logprobs, include_usage)
 
 
 async def completion_result(

@@ -1,16 +1,19 @@
-"""What every route shares: the chat service, the served model ids, request-to-sampling mapping and the token budget.
+"""What every route shares: the chat service, the served model ids, and request-to-sampling mapping.
 
-Model ids follow vLLM's serving semantics: the base model is served under ``API_MODEL_NAME`` (or its folder name),
-and each LoRA adapter loaded unmerged under its own name; a request picks one by its ``model`` field.
+Model ids (``chat.models``): the configured model (the config's base with its adapters applied in order) is the
+first and the default; each adapter alone and the base weights are served beside it, so vLLM-style per-request
+selection works in one batch. An id the server does not know gets the configured model, as LLaMA-Factory's API
+(which ignores ``model``) does, unless ``api_strict_model: true`` makes it a 404.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stoker.chat import MIN_TEMPERATURE, SamplingParams
+from stoker.chat import MIN_TEMPERATURE, SamplingParams, ServedModel
 from stoker.errors import NotFoundError, RequestError
 from stoker.server.metrics import ServerMetrics
 from stoker.server.protocol import ModelCard
@@ -19,6 +22,8 @@ if TYPE_CHECKING:
     from stoker.chat import ChatService
     from stoker.config import Settings
     from stoker.server.protocol import SamplingFields
+
+logger = logging.getLogger("stoker")
 
 
 def _greedy(body: SamplingFields) -> bool:
@@ -30,31 +35,36 @@ def _greedy(body: SamplingFields) -> bool:
 class ServerState:
     service: ChatService
     settings: Settings
-    base_model: str
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    _unknown_logged: set[str] = field(default_factory=set)
 
     @property
-    def adapters(self) -> list[str]:
-        return list(self.service.info.adapters)
+    def configured_model(self) -> str:
+        return self.service.models.configured.id
 
     def model_cards(self) -> list[ModelCard]:
-        cards = [ModelCard(id=self.base_model, created=self.created)]
-        cards += [ModelCard(id=name, created=self.created, parent=self.base_model) for name in self.adapters]
-        return cards
+        return [ModelCard(id=m.id, created=self.created, parent=m.parent) for m in self.service.models.all]
 
-    def adapter_for(self, model: str) -> str | None:
-        """The adapter a ``model`` id selects (None for the base model); ``NotFoundError`` (404) for unknown ids."""
-        if model == self.base_model:
-            return None
-        if model in self.adapters:
-            return model
-        known = ", ".join(repr(c.id) for c in self.model_cards())
-        raise NotFoundError(
-            f"The model {model!r} does not exist on this server. Served models: {known} (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
+    def model_for(self, model: str) -> tuple[ServedModel, str]:
+        """The model a request's ``model`` id names, and the id its answer carries: the id as asked for, or for an
+        unknown id the configured model's (logged once); with ``api_strict_model`` an unknown id is a
+        ``NotFoundError`` (404)."""
+        served = self.service.models.resolve(model)
+        if served is not None:
+            return served, model
+        if self.settings.api_strict_model:
+            known = ", ".join(repr(c.id) for c in self.model_cards())
+            raise NotFoundError(
+                f"The model {model!r} does not exist on this server. Served models: {known} (see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+        if model not in self._unknown_logged and len(self._unknown_logged) < 100:
+            self._unknown_logged.add(model)
+            logger.info("requests for the unknown model id %r get the configured model %r (api_strict_model: true "
+                        "makes them a 404)", model, self.configured_model)
+        return self.service.models.configured, self.configured_model
 
     # ---------------------------------------------------------------------------------------------------------------
     def sampling_params(self, body: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

@@ -18,6 +18,7 @@ from stoker.models.facts import folder_eos_ids
 from stoker.templates.base import Message, ParsedReply, Template, Tool, ToolCall
 from stoker.templates.mismatch import check_template_mismatch
 from stoker.templates.registry import TEMPLATES
+from stoker.templates.tools import FORMATS
 
 AUTO = "auto"
 
@@ -27,9 +28,17 @@ def list_templates() -> list[str]:
 
 
 def get_template(
-    name: str | None, tokenizer: Any | None = None, *, extra_stop_ids: Sequence[int] | None = None
+    name: str | None,
+    tokenizer: Any | None = None,
+    *,
+    extra_stop_ids: Sequence[int] | None = None,
+    tool_format: str | None = None,
+    preserve_thinking: bool = False,
 ) -> Template:
     """The template called ``name``; ``None`` or ``"auto"`` renders with the tokenizer's own chat_template.
+
+    ``tool_format`` replaces the family's tool format (LLaMA-Factory's key of that name); ``preserve_thinking`` keeps
+    the reasoning of earlier assistant turns in the prompt.
 
     Stop ids are the tokenizer's eos, the family's end-of-turn tokens, and ``extra_stop_ids`` (by default the eos
     ids of the model folder a tokenizer was loaded from, by the rule every engine stops on).
@@ -46,7 +55,7 @@ def get_template(
             )
         from stoker.templates.jinja import auto_template
 
-        return auto_template(tokenizer, extra_stop_ids=stops)
+        return _with_options(auto_template(tokenizer, extra_stop_ids=stops), tool_format, preserve_thinking)
     template = TEMPLATES.get(key) or TEMPLATES.get(key.lower().replace("-", "_"))
     if template is None:
         near = difflib.get_close_matches(key.lower(), list(TEMPLATES), n=4, cutoff=0.5)
@@ -56,7 +65,19 @@ def get_template(
             "names `stoker template list` prints.",
             param="template",
         )
-    return template.bind(tokenizer, extra_stop_ids=stops)
+    return _with_options(template.bind(tokenizer, extra_stop_ids=stops), tool_format, preserve_thinking)
+
+
+def _with_options(template: Template, tool_format: str | None, preserve_thinking: bool) -> Template:
+    if tool_format is not None:
+        if tool_format not in FORMATS:
+            near = difflib.get_close_matches(tool_format, list(FORMATS), n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise TemplateError(f"unknown tool_format {tool_format!r}: expected one of {', '.join(sorted(FORMATS))}."
+                                f"{hint}", param="tool_format")
+        template.tools = FORMATS[tool_format]
+    template.preserve_thinking = preserve_thinking
+    return template
 
 
 __all__ = [

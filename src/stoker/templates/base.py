@@ -36,6 +36,9 @@ class Template(abc.ABC):
     eos_token: str = ""  # the tokenizer's eos as text, cut from a reply that still holds it
     tools: ToolFormat  # how tool definitions and calls are written, and how calls are found in a reply
     thinking: Thinking | None = None  # the reasoning block, for families that think before answering
+    # Keep the reasoning of earlier assistant turns in the prompt (LLaMA-Factory's preserve_thinking); families that
+    # think drop it by default, as their official templates do.
+    preserve_thinking: bool = False
 
     @abc.abstractmethod
     def render(

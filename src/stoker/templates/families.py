@@ -267,7 +267,8 @@ class Qwen3Template(ChatTemplate):
             if "</think>" in content:
                 reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                 content = content.split("</think>")[-1].lstrip("\n")
-        if index > self.last_query(turns) and (index == len(turns) - 1 or reasoning):
+        kept = self.preserve_thinking and bool(reasoning)
+        if kept or (index > self.last_query(turns) and (index == len(turns) - 1 or reasoning)):
             text = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
         else:
             text = content
@@ -309,7 +310,12 @@ class DeepSeekTemplate(ChatTemplate):
                     out.append("<｜tool▁outputs▁end｜>" + content + self.eot)
                     in_tool = False
                 else:
-                    out.append("<｜Assistant｜>" + content.split("</think>")[-1] + self.eot)
+                    answer = content.split("</think>")[-1]
+                    reasoning = turn.reasoning if turn.reasoning is not None else (
+                        content.split("</think>")[0].split("<think>")[-1].strip("\n") if "</think>" in content else "")
+                    if self.preserve_thinking and reasoning:
+                        answer = f"<think>\n{reasoning}\n</think>\n\n{answer.lstrip()}"
+                    out.append("<｜Assistant｜>" + answer + self.eot)
             elif turn.role == "tool":
                 if not in_tool:
                     first_output = True

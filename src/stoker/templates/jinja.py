@@ -152,7 +152,7 @@ class JinjaTemplate(Template):
         return render_jinja(
             self.source, to_hf_messages(messages), tools=list(tools) if tools else None,
             add_generation_prompt=add_generation_prompt, special_tokens=self.special_tokens,
-            enable_thinking=enable_thinking,
+            enable_thinking=enable_thinking, preserve_thinking=self.preserve_thinking or None,
         )
 
     def encode(self, tokenizer: Any, messages: list[Message], *, tools: list[Tool] | None = None,
