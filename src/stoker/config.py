@@ -27,6 +27,7 @@ logger = logging.getLogger("stoker")
 class Settings:
     # --- model -------------------------------------------------------------------------------------------------
     model_name_or_path: str | None = None
+    gguf_file: str | None = None  # a GGUF file in the model folder (also: model_name_or_path: path/to/file.gguf)
     adapter_name_or_path: list[str] = field(default_factory=list)  # comma list in YAML; applied in order
     adapter_folder: str | None = None  # LLaMA-Factory's: the sub-folder of each adapter path with the adapter files
     finetuning_type: Literal["lora", "oft", "full", "freeze"] = "lora"

@@ -37,15 +37,17 @@ class Preflight:
 
 
 def preflight(settings: Settings, command: Command) -> Preflight:
-    from stoker.engines.factory import plan_adapters
-    from stoker.models.loader import adapter_paths, resolve_model_path
+    from stoker.engines.factory import check_backend_takes, plan_adapters
+    from stoker.models.loader import adapter_paths, gguf_of, resolve_model_path
 
     path = resolve_model_path(settings.model_name_or_path, settings=settings)
     adapters = adapter_paths(settings)
-    facts = read_model_facts(path)
+    gguf = gguf_of(settings, path)
+    check_backend_takes(settings, gguf)
+    facts = read_model_facts(path, gguf)
     quantized = settings.quantization_bit is not None or facts.quant_method is not None
     plan = plan_adapters(settings, adapters, per_request=command in PER_REQUEST, quantized=quantized)
-    _check_template(settings, path)
+    _check_template(settings, path, gguf)
     _check_packages(settings, facts)
     if settings.visual_inputs and not facts.vision:
         from stoker.models.vision import check_visual_inputs
@@ -67,7 +69,7 @@ def preflight(settings: Settings, command: Command) -> Preflight:
     return Preflight(path, facts, adapters, plan, template, read_generation_config(path))
 
 
-def _check_template(settings: Settings, path: Path) -> None:
+def _check_template(settings: Settings, path: Path, gguf: str | None) -> None:
     from stoker.templates import list_templates
     from stoker.templates.tools import FORMATS
 
@@ -76,7 +78,7 @@ def _check_template(settings: Settings, path: Path) -> None:
         from stoker.templates import get_template
 
         get_template(name)  # raises the unknown-template error, with its suggestions
-    if name == "auto" and not _has_chat_template(path):
+    if name == "auto" and not _has_chat_template(path, gguf):
         raise TemplateError(
             f"template: auto (or no template) uses the tokenizer's own chat_template, but the tokenizer in {path} has "
             "none. Name a template (see `stoker template list`).", param="template")
@@ -85,7 +87,11 @@ def _check_template(settings: Settings, path: Path) -> None:
                             f"{', '.join(sorted(FORMATS))}.", param="tool_format")
 
 
-def _has_chat_template(path: Path) -> bool:
+def _has_chat_template(path: Path, gguf: str | None) -> bool:
+    if gguf is not None:
+        from stoker.models.gguf import read_metadata
+
+        return bool(read_metadata(path / gguf).get("tokenizer.chat_template"))
     if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
         return True
     try:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ENV_DIR = "STOKER_DEMO_DIR"
 BUILD_RECORD = "stoker-demo.json"
-LIBRARIES = ("torch", "transformers", "tokenizers", "peft")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "gguf")
 LOCK_TIMEOUT_S = 1800.0  # a build takes minutes; waiting longer than this means something is stuck
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from stoker.demo.recipes import AdapterRecipe, ChatRecipe
+from stoker.demo.smol import SmolRecipe
+from stoker.demo.smol_adapter import SmolAdapterRecipe
 from stoker.demo.vision import VisionRecipe
 
 # (output folder, recipe, folders of the models it requires) -> metrics worth recording.
@@ -45,6 +47,18 @@ def _build_vision(out: Path, recipe: VisionRecipe, built: Mapping[str, Path]) ->
     return build_vision(out, recipe)
 
 
+def _build_smol(out: Path, recipe: SmolRecipe, built: Mapping[str, Path]) -> dict[str, Any]:
+    from stoker.demo.smol import build_smol
+
+    return build_smol(out, recipe)
+
+
+def _build_smol_adapter(out: Path, recipe: SmolAdapterRecipe, built: Mapping[str, Path]) -> dict[str, Any]:
+    from stoker.demo.smol_adapter import build_smol_adapter
+
+    return build_smol_adapter(out, recipe, built["smol"])
+
+
 _TRAINING = ("tasks", "corpus", "training", "evaluate")
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -53,5 +67,9 @@ DEMO_MODELS: dict[str, DemoModel] = {
         DemoModel("chat", ChatRecipe(), _build_chat, (*_TRAINING, "tokenizer", "chat")),
         DemoModel("adapter", AdapterRecipe(), _build_adapter, (*_TRAINING, "adapter"), requires=("chat",)),
         DemoModel("vision", VisionRecipe(), _build_vision, ("training", "evaluate", "tokenizer", "vision_tasks", "vision")),
+        # The real model a newcomer meets (SmolLM2-135M-Instruct, from its GGUF), and an adapter trained for it.
+        DemoModel("smol", SmolRecipe(), _build_smol, ("smol", "evaluate")),
+        DemoModel("smol-adapter", SmolAdapterRecipe(), _build_smol_adapter, ("smol_adapter", "training", "evaluate"),
+                  requires=("smol",)),
     )
 }

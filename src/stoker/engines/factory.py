@@ -83,19 +83,31 @@ def plan_adapters(settings: Settings, adapters: dict[str, Path], *, per_request:
     return AdapterPlan(merge=False, default=next(iter(adapters)), per_request=False)
 
 
+def check_backend_takes(settings: Settings, gguf: str | None) -> None:
+    """What a backend cannot load at all is refused before it starts."""
+    if gguf and settings.backend == "vllm":
+        raise ConfigError(
+            f"infer_backend: vllm cannot load the GGUF file {gguf}: vLLM 0.32 has no GGUF loader. Use "
+            "infer_backend: huggingface, which dequantizes it, or the model's Hugging Face folder.",
+            param="infer_backend")
+
+
 def open_engine(settings: Settings, *, per_request_adapters: bool = False) -> OpenedEngine:
     """Load the model and start its engine on the configured backend.
 
     ``per_request_adapters``: keep LoRA adapters separate so each request can pick one (the API); otherwise the
     config's adapters apply to every request (chat, web chat, predict), merged into the weights where the backend can.
     """
-    from stoker.models.loader import adapter_paths, resolve_model_path
+    from stoker.models.loader import adapter_paths, gguf_of, resolve_model_path
 
     from stoker.models.facts import read_model_facts
 
     path = resolve_model_path(settings.model_name_or_path, settings=settings)
     adapters = adapter_paths(settings)
-    quantized = settings.quantization_bit is not None or read_model_facts(path).quant_method is not None
+    gguf = gguf_of(settings, path)
+    check_backend_takes(settings, gguf)
+    facts = read_model_facts(path, gguf)
+    quantized = settings.quantization_bit is not None or facts.quant_method is not None
     plan = plan_adapters(settings, adapters, per_request=per_request_adapters, quantized=quantized)
     if settings.backend == "vllm":
         return _open_vllm(settings, path, adapters, plan)
@@ -105,7 +117,7 @@ def open_engine(settings: Settings, *, per_request_adapters: bool = False) -> Op
 def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path], plan: AdapterPlan) -> OpenedEngine:
     from stoker.engines.hf import HFEngine
     from stoker.models.facts import eos_token_ids, read_model_facts
-    from stoker.models.loader import load_model
+    from stoker.models.loader import gguf_of, load_model
 
     loaded = load_model(settings, path=path, adapters=adapters, merge=plan.merge, stack=plan.stack)
     selectable = [*adapters, *([STACKED_ADAPTER] if plan.stack else [])]
@@ -117,7 +129,8 @@ def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path],
         max_queue=settings.max_queue,
         adapters=selectable if adapters and not plan.merge else None,
         default_adapter=plan.default,
-        eos_ids=eos_token_ids(loaded.generation_config, read_model_facts(path).eos_token_ids, loaded.tokenizer),
+        eos_ids=eos_token_ids(loaded.generation_config, read_model_facts(path, gguf_of(settings, path)).eos_token_ids,
+                              loaded.tokenizer),
         cpu_matmul=settings.cpu_matmul,
     )
     if plan.merge:
@@ -129,10 +142,10 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
     from stoker.engines.vllm import VLLMEngine, import_vllm, prepare_environment
     from stoker.engines.vllm_args import engine_kwargs
     from stoker.models.facts import eos_token_ids, read_generation_config, read_model_facts
-    from stoker.models.loader import load_tokenizer
+    from stoker.models.loader import gguf_of, load_tokenizer
     from stoker.models.vision import check_visual_inputs, load_processor
 
-    facts = read_model_facts(path)
+    facts = read_model_facts(path, gguf_of(settings, path))
     check_visual_inputs(settings, vision=facts.vision)
     tokenizer = load_tokenizer(settings, path)
     generation_config = read_generation_config(path)
@@ -142,7 +155,8 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
 
     cpu = current_platform.is_cpu()
     gpu_count = 0 if cpu else visible_gpus()
-    kwargs = engine_kwargs(settings, path, facts, adapters, cpu=cpu, gpu_count=gpu_count)
+    kwargs = engine_kwargs(settings, path, facts, adapters, cpu=cpu, gpu_count=gpu_count,
+                           gguf=gguf_of(settings, path))
     prepare_environment(cpu=cpu)
     # The chat service renders image prompts with the processor; vLLM runs its own copy on the images.
     processor = load_processor(path, settings) if facts.vision else None

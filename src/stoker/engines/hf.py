@@ -47,6 +47,7 @@ class _Choice:
     request: _Request
     sampler: Any  # sampling.RowSampler
     out: ChoiceOutput
+    done: bool = False  # released: finished or aborted (a row that cannot leave its batch stays as ballast)
 
 
 @dataclass(eq=False)
@@ -101,7 +102,15 @@ class HFEngine(ThreadedEngine):
 
         self.model = model.eval()
         self.tokenizer = tokenizer
+        from stoker.engines.kv_batch import CacheRecipe
+
+        self._caches = CacheRecipe(model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                                   else model.config)
         self.max_num_seqs = max(1, int(max_num_seqs))
+        if not self._caches.batchable and self.max_num_seqs > 1:
+            logger.warning("%s: %s, so this engine runs one request at a time (infer_backend: vllm may batch it)",
+                           model.config.model_type, self._caches.why_serial)
+            self.max_num_seqs = 1
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.max_queue = max(1, int(max_queue))
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
@@ -281,6 +290,8 @@ class HFEngine(ThreadedEngine):
         """Pop waiting requests in order while they fit the budgets (caller holds the lock)."""
         admitted: list[_Request] = []
         while self._waiting:
+            if not self._caches.batchable and (self._rows or admitted):
+                break  # its cache holds one prompt's rows at a time (see kv_batch.CacheRecipe)
             req = self._waiting[0]
             fits = (self._rows_admitted + req.params.n <= self.max_num_seqs
                     and self._tokens_in_flight + req.cost <= self.max_batch_tokens)
@@ -296,6 +307,9 @@ class HFEngine(ThreadedEngine):
         return admitted
 
     def _release(self, choice: _Choice) -> None:
+        if choice.done:
+            return
+        choice.done = True
         req = choice.request
         with self._cond:
             self._rows_admitted -= 1
@@ -328,47 +342,54 @@ class HFEngine(ThreadedEngine):
         return self.model(**inputs).logits[:, -1, :]
 
     def _prefill(self, requests: list[_Request]) -> None:
-        from stoker.engines.kv_batch import PaddedKVBatch, new_cache
+        from stoker.engines.kv_batch import PaddedKVBatch, select_rows
 
         torch = self._torch
 
+        batchable = self._caches.batchable
         for group in _prefill_groups(requests, self.max_prefill_tokens):
-            width = max(len(r.prompt_ids) for r in group)
-            ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group]
-            mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group]
+            # A cache that cannot copy rows gets each choice's prompt as a row of its own.
+            rows = group if batchable else [r for r in group for _ in range(r.params.n)]
+            width = max(len(r.prompt_ids) for r in rows)
+            ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
+            mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
             mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-            cache = new_cache()
+            cache = self._caches.new()
             extra: dict[str, Any] = {}
             offsets = None
             if any(r.media for r in group):
                 from stoker.engines.hf_media import prefill_inputs
 
                 extra, positions, offsets = prefill_inputs(
-                    self.model, [r.media for r in group], input_ids, mask, positions)
+                    self.model, [r.media for r in rows], input_ids, mask, positions)
                 for r in group:
                     r.media = None  # the pixels are in the KV cache now
-            logits = self._forward([r.adapter for r in group], input_ids=input_ids, attention_mask=mask,
+            logits = self._forward([r.adapter for r in rows], input_ids=input_ids, attention_mask=mask,
                                    position_ids=positions, past_key_values=cache, use_cache=True, **extra)
-            lengths = torch.tensor([len(r.prompt_ids) for r in group], dtype=torch.long, device=self.device)
+            lengths = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
             if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
                 lengths = lengths + offsets
-            if any(r.params.n > 1 for r in group):
+            if batchable and any(r.params.n > 1 for r in group):
                 index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
                                      dtype=torch.long, device=self.device)
-                cache.batch_select_indices(index)
+                select_rows(cache, index)
                 mask, logits, lengths = mask[index], logits[index], lengths[index]
             choices = [c for r in group for c in self._new_choices(r)]
             tokens, keep = self._sample_and_emit(choices, logits)
             # The first generated token sits at position len(prompt), right after the prompt.
             new = PaddedKVBatch(cache, mask, positions=lengths, last_tokens=tokens)
-            new.keep(keep)
+            if not keep:
+                continue
+            if batchable:
+                new.keep(keep)
+                choices = [choices[i] for i in keep]
             if self._batch is None:
                 self._batch = new
             else:
                 self._batch.merge(new)
-            self._rows.extend(choices[i] for i in keep)
+            self._rows.extend(choices)
 
     def _decode(self) -> None:
         inputs = self._batch.decode_inputs()
@@ -376,9 +397,7 @@ class HFEngine(ThreadedEngine):
         self._counters["steps_total"] += 1
         tokens, keep = self._sample_and_emit(self._rows, logits)
         self._batch.advance(tokens)
-        if len(keep) != len(self._rows):
-            self._batch.keep(keep)
-            self._rows = [self._rows[i] for i in keep]
+        self._shrink(keep)
         self._kv_cache_tokens = self._batch.rows * self._batch.cols if self._rows else 0
 
     def _drop_aborted(self, uids: set[int]) -> None:
@@ -386,9 +405,17 @@ class HFEngine(ThreadedEngine):
         for i, c in enumerate(self._rows):
             if c.request.uid in uids:
                 self._release(c)
-        if len(keep) != len(self._rows):
-            self._batch.keep(keep)
-            self._rows = [self._rows[i] for i in keep]
+        self._shrink(keep)
+
+    def _shrink(self, keep: list[int]) -> None:
+        """Keep the running rows ``keep``. A cache that cannot drop rows keeps the others as ballast until every row
+        is done (their tokens are computed and thrown away): only one prompt's rows share such a batch."""
+        live = [i for i in keep if not self._rows[i].done]
+        if not live:
+            self._rows, self._batch = [], None
+        elif len(live) != len(self._rows) and self._caches.batchable:
+            self._batch.keep(live)
+            self._rows = [self._rows[i] for i in live]
 
     def _sample_and_emit(self, choices: list[_Choice], logits: Any) -> tuple[Any, list[int]]:
         """Sample one token per row, turn it into deltas, and return (tokens tensor, rows still running)."""
@@ -398,8 +425,11 @@ class HFEngine(ThreadedEngine):
         sampled = sample(logits, [c.sampler for c in choices])
         out: dict[int, tuple[_Request, list[Delta]]] = {}
         keep: list[int] = []
+        generated = sum(not c.done for c in choices)
         for i, (choice, token) in enumerate(zip(choices, sampled.tokens)):
             req = choice.request
+            if choice.done:  # ballast (see _shrink)
+                continue
             if req.aborted:
                 self._release(choice)
                 continue
@@ -410,7 +440,7 @@ class HFEngine(ThreadedEngine):
                 keep.append(i)
             else:
                 self._release(choice)
-        self._counters["generated_tokens_total"] += len(choices)
+        self._counters["generated_tokens_total"] += generated
         for req, deltas in out.values():
             self._send(req, deltas)
         return torch.tensor(sampled.tokens, dtype=torch.long, device=self.device), keep
@@ -443,7 +473,8 @@ class HFEngine(ThreadedEngine):
                      exc_info=exc)
         uids = {r.uid for r in requests}
         keep = [i for i, c in enumerate(self._rows) if c.request.uid not in uids]
-        if not keep:
+        if not keep or not self._caches.batchable:
+            requests = [*requests, *self._running_requests()]
             self._rows, self._batch = [], None
         elif len(keep) != len(self._rows):
             try:

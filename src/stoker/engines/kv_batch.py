@@ -14,6 +14,15 @@ leaving and trimming keep spare capacity too, so the step after a row finishes d
 
 Works with any transformers model that takes ``past_key_values`` as a ``DynamicCache`` plus 2D
 ``attention_mask`` and ``position_ids`` (decoder-only attention models: Llama, Qwen, Mistral, Gemma, ...).
+
+Hybrid and recurrent families (Qwen3.5 and Qwen3-Next's gated delta nets, Mamba layers in Jamba, Falcon-H1,
+Granite 4, Nemotron-H; LFM2's short convolutions; Kimi Linear, OLMo hybrid) also keep per-row state without a
+sequence dimension: a convolution window and a recurrent state per linear layer (transformers'
+``LinearAttentionLayer``, which only ``DynamicCache(config=...)`` creates). Those rows join by concatenation and
+leave by selection like the KV rows, with no padding and no trimming. Left padding is exact for them at prefill:
+their mixers zero the padded positions and the state starts at zero, so pads leave it at zero. That holds only
+without an input-projection bias, so a checkpoint with one (and DeepSeek-V4, whose compressed attention cuts its
+windows on cache columns) is run by ``CacheRecipe.batchable`` = False: one request at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +41,102 @@ def new_cache() -> DynamicCache:
     cache = DynamicCache()
     cache.layer_class_to_replicate = _growing_layer_class()
     return cache
+
+
+# Config fields that put a bias on a recurrent mixer's input projection: the padded positions then hold the bias,
+# which leaks into the convolution window and the state (batched prefill would differ from a request alone).
+INPUT_BIAS_FIELDS = ("mamba_proj_bias", "use_bias", "conv_bias")
+
+
+class CacheRecipe:
+    """How one model's caches are made, decided once from its config: what ``new()`` returns, and whether rows of
+    different lengths may share a batch (``batchable``)."""
+
+    def __init__(self, config: object):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+
+        self.config = config
+        try:
+            probe = DynamicCache(config=config)
+        except (KeyError, ValueError, TypeError):
+            probe = None  # a layer type registered by its modeling module only (none seen so far needs that)
+        layers = list(probe.layers) if probe is not None else []
+        self.has_states = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+        plain = (DynamicLayer, DynamicSlidingWindowLayer)
+        unknown = [type(layer).__name__ for layer in layers
+                   if not isinstance(layer, LinearAttentionCacheLayerMixin) and type(layer) not in plain]
+        biased = self.has_states and any(getattr(config, f, False) is True for f in INPUT_BIAS_FIELDS)
+        self.batchable = not unknown and not biased
+        self.why_serial = (f"its cache layers ({', '.join(sorted(set(unknown)))}) cannot hold rows of different "
+                           "lengths" if unknown else "a bias on its recurrent input projection makes padding leak "
+                           "into the state" if biased else "")
+
+    def new(self) -> DynamicCache:
+        """An empty cache: growing KV layers, and the model's own state layers where it has them."""
+        if not self.has_states and self.batchable:
+            return new_cache()
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        cache = DynamicCache(config=self.config)
+        if self.batchable:
+            growing = _growing_layer_class()
+            cache.layers = [growing() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                            for layer in cache.layers]
+        return cache
+
+
+def select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Keep the rows ``index`` (repeats allowed: one prompt's rows for n choices) of every layer, KV and state."""
+    for layer in cache.layers:
+        _take_rows(layer, index)
+
+
+def _kv(layer: object) -> bool:
+    return getattr(layer, "keys", None) is not None
+
+
+def _states(layer: object) -> list[dict]:
+    return [d for d in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)) if d]
+
+
+def _take_rows(layer: object, index: torch.Tensor) -> None:
+    if isinstance(layer, _growing_layer_class()):
+        if layer._k is not None:
+            layer.take_rows(index)
+    elif _kv(layer):
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    for states in _states(layer):
+        for key, value in states.items():
+            if value is not None:
+                states[key] = value.index_select(0, index)
+
+
+def _trim_left(layer: object, cols: int) -> None:
+    """Drop ``cols`` all-padding columns from a layer's KV (state layers have no columns)."""
+    if isinstance(layer, _growing_layer_class()):
+        if layer._k is not None:
+            layer.trim_left(cols)
+    elif _kv(layer):
+        layer.keys, layer.values = layer.keys[:, :, cols:], layer.values[:, :, cols:]
+
+
+def _join(a: object, b: object, pad_a: int, pad_b: int) -> None:
+    """``b``'s rows under ``a``'s: KV left-padded to one width, states concatenated."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(a, _growing_layer_class()):
+        if a._k is not None:
+            a.join(b, pad_a, pad_b)
+    elif _kv(a):
+        a.keys = torch.cat([F.pad(a.keys, (0, 0, pad_a, 0)), F.pad(b.keys, (0, 0, pad_b, 0))], dim=0)
+        a.values = torch.cat([F.pad(a.values, (0, 0, pad_a, 0)), F.pad(b.values, (0, 0, pad_b, 0))], dim=0)
+    for mine, theirs in zip(_states(a), _states(b)):
+        for key, value in mine.items():
+            if value is not None and theirs.get(key) is not None:
+                mine[key] = torch.cat([value, theirs[key]], dim=0)
 
 
 _GROWING: type | None = None
@@ -154,7 +259,8 @@ class PaddedKVBatch:
         return int(self.mask.shape[1])
 
     def _layers(self) -> list:
-        return [layer for layer in self.cache.layers if layer.keys is not None]
+        """The layers that hold rows: KV, recurrent or convolution state (placeholders of neither are skipped)."""
+        return [layer for layer in self.cache.layers if _kv(layer) or _states(layer)]
 
     def decode_inputs(self) -> dict:
         """Model kwargs for one decode step; call ``advance`` after the forward pass."""
@@ -182,7 +288,7 @@ class PaddedKVBatch:
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         for layer in self._layers():
-            layer.take_rows(index)
+            _take_rows(layer, index)
         self.mask = self.mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.last_tokens = self.last_tokens.index_select(0, index)
@@ -195,7 +301,7 @@ class PaddedKVBatch:
         first = int(used.to(self.mask.dtype).argmax())
         if first > 0:
             for layer in self._layers():
-                layer.trim_left(first)
+                _trim_left(layer, first)
             self.mask = self.mask[:, first:]
 
     def merge(self, other: PaddedKVBatch) -> None:
@@ -213,7 +319,7 @@ class PaddedKVBatch:
             raise RuntimeError(f"cache layer count differs ({len(mine)} vs {len(theirs)})")
         pad_a, pad_b = cols - self.cols, cols - other.cols
         for a, b in zip(mine, theirs):
-            a.join(b, pad_a, pad_b)
+            _join(a, b, pad_a, pad_b)
         self.mask = torch.cat([F.pad(self.mask, (pad_a, 0)), F.pad(other.mask, (pad_b, 0))], dim=0)
         self.positions = torch.cat([self.positions, other.positions])
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])

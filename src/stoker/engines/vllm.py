@@ -132,10 +132,12 @@ class VLLMEngine(ThreadedEngine):
             raise ConfigError(f"invalid vllm_config: {exc}. Keys must be vllm.EngineArgs fields.") from None
         try:
             self._llm = LLMEngine.from_engine_args(args)
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - vLLM fails on unsupported models in many ways (KeyError, ...)
             # pydantic's errors put the field and the reason on the lines after "1 validation error for ...".
-            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:4])[:600] or type(exc).__name__
-            raise ModelLoadError(f"vLLM could not start on {engine_kwargs.get('model')}: {detail}") from None
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:4])[:600]
+            detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+            raise ModelLoadError(f"vLLM could not start on {engine_kwargs.get('model')}: {detail}. The huggingface "
+                                 "backend (infer_backend: huggingface) runs every family transformers has.") from None
         self._inprocess = type(self._llm.engine_core).__name__ == "InprocClient"
         if self._inprocess:
             global _inprocess_engines

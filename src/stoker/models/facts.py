@@ -27,9 +27,13 @@ class ModelFacts:
     model_type: str | None = None
     quant_method: str | None = None  # a checkpoint quantized ahead of time: config.json's quantization_config
     rope_parameters: dict[str, Any] | None = None  # the text model's RoPE settings (rope_theta included)
+    attention_chunk_size: int | None = None  # chunked local attention (Llama 4)
 
 
-def read_model_facts(path: Path) -> ModelFacts:
+def read_model_facts(path: Path, gguf: str | None = None) -> ModelFacts:
+    """What the folder's config.json says, or the header of ``gguf`` (a GGUF file in the folder)."""
+    if gguf is not None:
+        return _gguf_facts(path / gguf)
     file = path / "config.json"
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
@@ -52,7 +56,21 @@ def read_model_facts(path: Path) -> ModelFacts:
         model_type=config.get("model_type"),
         quant_method=(config.get("quantization_config") or {}).get("quant_method"),
         rope_parameters=_rope_parameters(text),
+        attention_chunk_size=text.get("attention_chunk_size"),
     )
+
+
+def _gguf_facts(file: Path) -> ModelFacts:
+    from stoker.models.gguf import architecture, read_metadata
+
+    meta = read_metadata(file)
+    arch = architecture(meta)
+    context = meta.get(f"{arch}.context_length")
+    heads = meta.get(f"{arch}.attention.head_count")
+    return ModelFacts(context_length=context if isinstance(context, int) else None,
+                      num_attention_heads=heads if isinstance(heads, int) else None,
+                      eos_token_ids=token_ids(meta.get("tokenizer.ggml.eos_token_id")), vision=False,
+                      model_type=arch)
 
 
 def _rope_parameters(text: dict[str, Any]) -> dict[str, Any] | None:

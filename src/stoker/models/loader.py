@@ -31,9 +31,9 @@ class LoadedModel:
     processor: Any = None  # vision models only
 
 
-DEMO_PREFIX = "demo:"
+DEMO_PREFIX = "demo:"  # demo:smol, demo:chat, demo:adapter ... name the built-in demo models (built on first use)
 # The adapters of the config applied in order, as one adapter beside them (see apply_adapters).
-STACKED_ADAPTER = "__stacked__"  # demo:chat, demo:adapter ... name the built-in demo models (built on first use)
+STACKED_ADAPTER = "__stacked__"
 
 
 def _demo_model(name: str, *, key: str) -> Path:
@@ -59,8 +59,11 @@ def resolve_model_path(name: str | None, *, key: str = "model_name_or_path", set
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent  # the GGUF file is found again by gguf_of
     if path.exists():
-        raise ConfigError(f"invalid value for {key}: {name!r} is a file; expected a model folder or a hub id.")
+        raise ConfigError(f"invalid value for {key}: {name!r} is a file; expected a model folder, a .gguf file or a "
+                          "hub id.")
     if not _is_hub_id(name):
         raise ConfigError(
             f"invalid value for {key}: the folder {shown(name)} does not exist. Expected a local model folder or a "
@@ -97,14 +100,24 @@ def _from_hub(repo_id: str, *, key: str, settings: Settings | None) -> Path:
         ) from None
 
 
+def gguf_of(settings: Settings, path: Path) -> str | None:
+    """The GGUF file in ``path`` the config means, or None (see ``models.gguf``)."""
+    from stoker.models.gguf import gguf_file
+
+    return gguf_file(settings.model_name_or_path, path, settings.gguf_file)
+
+
 def load_tokenizer(settings: Settings, path: Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
+    gguf = gguf_of(settings, path)
+    if gguf:
+        check_gguf_architecture(path / gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(path), use_fast=settings.use_fast_tokenizer, trust_remote_code=settings.trust_remote_code,
-            split_special_tokens=settings.split_special_tokens,
+            split_special_tokens=settings.split_special_tokens, **({"gguf_file": gguf} if gguf else {}),
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
@@ -212,11 +225,13 @@ def load_model(
     tokenizer = load_tokenizer(settings, path)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
+    gguf = gguf_of(settings, path)
+    source = {"gguf_file": gguf} if gguf else {}
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code, **source)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
-    kwargs = _load_kwargs(settings, config, device, dtype)
+    kwargs = {**_load_kwargs(settings, config, device, dtype), **source}
     processor = None
     from stoker.models.vision import is_vision_config, load_vision_model
 
@@ -248,6 +263,19 @@ def load_model(
         merged=bool(adapters) and merge,
         processor=processor,
     )
+
+
+def check_gguf_architecture(file: Path) -> None:
+    """transformers dequantizes GGUF files of the architectures it maps; name the others before loading."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from stoker.models.gguf import architecture, read_metadata
+
+    arch = architecture(read_metadata(file))
+    if arch not in GGUF_CONFIG_MAPPING:
+        known = ", ".join(sorted(a for a in GGUF_CONFIG_MAPPING if a not in ("general", "tokenizer")))
+        raise ModelLoadError(f"the GGUF file {file.name} holds a {arch!r} model, an architecture transformers cannot "
+                             f"load from GGUF (it loads: {known}). Use the model's Hugging Face folder instead.")
 
 
 def _load_kwargs(settings: Settings, config: Any, device: str, dtype: Any) -> dict[str, Any]:

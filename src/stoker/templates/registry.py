@@ -349,7 +349,7 @@ def _build() -> dict[str, ChatTemplate]:
                 official=[no_tool_format("yi-chat.jinja")]),
         _chatml("smollm", "SmolLM instruct (ChatML)"),
         _chatml("smollm2", "SmolLM2 instruct (ChatML, SmolLM default system)",
-                system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
+                system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
         ChatTemplate(
             "intern2", Layout(prefix="{bos}", system=CHATML.system, user=CHATML.user, assistant=CHATML.assistant,
                               generation=CHATML.generation, tool=CHATML.tool),
