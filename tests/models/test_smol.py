@@ -4,6 +4,7 @@ plain ``transformers`` on every surface and both backends, its LoRA adapter, and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -50,22 +51,23 @@ def service(demo_smol: Path):
     chat.close()
 
 
+def greedy(service, request) -> list[int]:
+    """Plain transformers greedy ``generate`` on an engine request's prompt, up to and including its stop token."""
+    ids = torch.tensor([request.prompt_ids])
+    with torch.inference_mode():
+        tokens = service.engine.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.params.max_new_tokens, do_sample=False,
+            eos_token_id=request.params.stop_token_ids, pad_token_id=service.tokenizer.pad_token_id,
+        )[0, ids.shape[1]:].tolist()
+    stops = set(request.params.stop_token_ids)
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
 @pytest.fixture(scope="module")
 def reference(service) -> dict[str, list[int]]:
-    """Plain transformers greedy ``generate`` on the prompt the chat service renders, per question."""
-    out = {}
-    for question in QUESTIONS:
-        request = service.prepare(user(question), service.sampling_params(max_new_tokens=NEW_TOKENS)).request
-        ids = torch.tensor([request.prompt_ids])
-        with torch.inference_mode():
-            tokens = service.engine.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=request.params.stop_token_ids, pad_token_id=service.tokenizer.pad_token_id,
-            )[0, ids.shape[1]:].tolist()
-        stops = set(request.params.stop_token_ids)
-        end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
-        out[question] = tokens[:end]
-    return out
+    """The reference tokens per question, on the prompt the chat service renders."""
+    params = service.sampling_params(max_new_tokens=NEW_TOKENS)
+    return {q: greedy(service, service.prepare(user(q), params).request) for q in QUESTIONS}
 
 
 def text_of(service, tokens: list[int]) -> str:
@@ -161,19 +163,8 @@ def predict_reference(service) -> list[str]:
     old = service.settings
     rows, bad = render_rows(service, list(enumerate(examples)), cutoff_len=old.cutoff_len)
     assert not bad
-    texts = []
-    for row in rows:
-        request = row.request()
-        ids = torch.tensor([request.prompt_ids])
-        with torch.inference_mode():
-            tokens = service.engine.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=request.params.stop_token_ids, pad_token_id=service.tokenizer.pad_token_id,
-            )[0, ids.shape[1]:].tolist()
-        stops = set(request.params.stop_token_ids)
-        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-        texts.append(service.decode(tokens[:end]))
-    return texts
+    return [service.decode(greedy(service, dataclasses.replace(row.request(), params=dataclasses.replace(
+        row.request().params, max_new_tokens=NEW_TOKENS)))) for row in rows]
 
 
 def test_predict_equals_generate(tmp_path: Path, service) -> None:

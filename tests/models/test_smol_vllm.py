@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.vllm
 
-from api_server import async_client, client, start_server, stop_server  # noqa: E402
-from test_smol import NEW_TOKENS, QUESTIONS, predict_reference, predict_rows, reference, service, text_of, user  # noqa: E402,F401
+from api_server import client, start_server, stop_server  # noqa: E402
+from test_smol import (  # noqa: E402,F401
+    NEW_TOKENS, QUESTIONS, api_replies, predict_reference, predict_rows, reference, service, text_of, user)
 
 from stoker.config import settings_from_dict  # noqa: E402
 from stoker.demo.smol_adapter import SMOL_ADAPTER_ANSWER  # noqa: E402
@@ -45,17 +45,7 @@ def test_vllm_api_alone_and_twelve_at_once(demo_smol: Path, service, reference: 
         alone = client(srv).chat.completions.create(model="demo:smol", messages=user(QUESTIONS[2]),
                                                     max_tokens=NEW_TOKENS)
         assert alone.choices[0].message.content == expected[2]
-
-        async def ask_all() -> list[str]:
-            aclient = async_client(srv)
-            try:
-                replies = await asyncio.gather(*(aclient.chat.completions.create(
-                    model="demo:smol", messages=user(q), max_tokens=NEW_TOKENS) for q in QUESTIONS))
-            finally:
-                await aclient.close()
-            return [r.choices[0].message.content for r in replies]
-
-        assert asyncio.run(ask_all()) == expected
+        assert api_replies(srv, QUESTIONS) == expected
     finally:
         stop_server(srv)
 
