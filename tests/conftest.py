@@ -57,6 +57,14 @@ def demo_smol_adapter(demo_models: dict[str, Path]) -> Path:
     return demo_models["smol-adapter"]
 
 
+@pytest.fixture(scope="session")
+def demo_vision() -> Path:
+    """The demo vision model alone (built once and cached, like the other demo models; see docs/vision.md)."""
+    from stoker.demo.cache import ensure
+
+    return ensure(["vision"])["vision"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

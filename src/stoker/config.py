@@ -97,6 +97,7 @@ class Settings:
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
     image_max_bytes: int = 20 * 1024 * 1024
+    image_fetch_timeout: float = 10.0  # seconds for a whole image URL fetch, redirects included
     media_dir: str | None = None
     allow_private_urls: bool = False
     image_do_pan_and_scan: bool = False  # Gemma 3's pan and scan
@@ -412,6 +413,8 @@ def _check(s: Settings) -> None:
         value = getattr(s, key)
         if value is not None and value < 1:
             raise ConfigError(f"invalid value for {key}: {value!r}; expected an integer >= 1.")
+    if not s.image_fetch_timeout > 0:
+        raise ConfigError(f"invalid value for image_fetch_timeout: {s.image_fetch_timeout!r}; expected seconds > 0.")
     if s.temperature is not None and s.temperature < 0:
         raise ConfigError(f"invalid value for temperature: {s.temperature!r}; expected a number >= 0.")
     if s.top_p is not None and not 0 < s.top_p <= 1:

@@ -445,6 +445,29 @@ def test_full_queue_raises_overloaded(endless_llama, tokenizer) -> None:
         eng.close()
 
 
+def test_a_burst_that_fits_the_free_slots_is_not_queued(endless_llama, tokenizer) -> None:
+    """Requests submitted together before the step thread admits any: those that fit the free slots are not
+    "waiting", so 4 slots + max_queue=2 take 6 at once and refuse the 7th (counted in sequences, n included)."""
+    eng = HFEngine(endless_llama, tokenizer, max_num_seqs=4, max_queue=2)
+    prompt = prompts(tokenizer, 2)[1]
+    try:
+        async def main() -> None:
+            streams = [eng.stream(GenerationRequest(prompt, SamplingParams(4000))) for _ in range(5)]
+            streams.append(eng.stream(GenerationRequest(prompt, SamplingParams(4000, n=1))))
+            firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+            await asyncio.gather(*firsts)  # all six admitted or queued: none refused
+            with pytest.raises(OverloadedError, match=r"\(2 sequences wait beyond the running batch, max_queue=2\)"):
+                await eng.stream(GenerationRequest(prompt, SamplingParams(5))).__anext__()
+            assert eng.stats()["running"] == 4 and eng.stats()["waiting"] == 2
+            for stream in streams:
+                await stream.aclose()
+            await await_for(lambda: eng.stats()["running"] == 0 and eng.stats()["waiting"] == 0)
+
+        asyncio.run(main())
+    finally:
+        eng.close()
+
+
 def test_batch_token_budget_limits_admission(endless_llama, tokenizer) -> None:
     prompt = prompts(tokenizer, 2)[1]  # 5 tokens
     eng = HFEngine(endless_llama, tokenizer, max_batch_tokens=2 * (len(prompt) + 20))

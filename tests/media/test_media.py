@@ -6,6 +6,7 @@ import base64
 import http.server
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,6 +261,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         if self.path == "/slow.png":
             threading.Event().wait(1.0)
+        if self.path in ("/trickle.png", "/trickle-headers.png", "/flood.png"):
+            self._send_slowly()
+            return
         status, headers, body = routes.get(self.path, (404, {}, b"no"))
         self.send_response(status)
         for k, v in headers.items():
@@ -269,6 +273,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.path != "/big.png":
             self.wfile.write(body)
+
+    def _send_slowly(self) -> None:
+        """A server that never ends: the body (or the headers) a byte every 50 ms, or a body without a length that
+        goes on past image_max_bytes. Each stops once the client hangs up."""
+        try:
+            if self.path == "/trickle-headers.png":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(400):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    threading.Event().wait(0.05)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for _ in range(400 if self.path == "/trickle.png" else 2000):
+                self.wfile.write(b"x" if self.path == "/trickle.png" else b"x" * 65536)
+                self.wfile.flush()
+                if self.path == "/trickle.png":
+                    threading.Event().wait(0.05)
+        except OSError:
+            pass
 
     def log_message(self, *args: object) -> None:
         pass
@@ -302,7 +328,26 @@ def test_fetching_from_an_allowed_server(image_server: str):
     )
     with pytest.raises(MediaError) as exc:
         fetch_url(image_server + "/slow.png", s, timeout=0.3)
-    assert message(exc) == "fetching the image URL timed out after 0.3 s."
+    assert message(exc) == TIMED_OUT.format(0.3)
+    with pytest.raises(MediaError) as exc:
+        load_image(image_server + "/flood.png", s)  # no Content-Length: the cap holds while reading
+    assert message(exc) == (
+        f"the image at {image_server}/flood.png is over the image_max_bytes limit of 20,971,520 bytes."
+    )
+
+
+TIMED_OUT = ("fetching the image URL took longer than {:g} s (image_fetch_timeout): the server is slow or unreachable; "
+             "send the image as a data: URL instead.")
+
+
+@pytest.mark.parametrize("path", ["/trickle.png", "/trickle-headers.png"])
+def test_the_fetch_timeout_is_one_deadline_however_the_bytes_trickle(image_server: str, path: str):
+    started = time.monotonic()
+    with pytest.raises(MediaError) as exc:
+        load_image(image_server + path, settings(allow_private_urls=True, image_fetch_timeout=0.6))
+    took = time.monotonic() - started
+    assert message(exc) == TIMED_OUT.format(0.6)
+    assert 0.55 < took < 1.5, took
 
 
 def test_redirects_are_checked_like_the_first_url(image_server: str):

@@ -33,13 +33,6 @@ PICTURES = [
 SHAPE_Q, COLOR_Q, DESCRIBE_Q = QUESTIONS["shape"][0], QUESTIONS["color"][0], QUESTIONS["describe"][0]
 
 
-@pytest.fixture(scope="session")
-def demo_vision() -> Path:
-    """The demo vision model alone (built once and cached, like the other demo models; see docs/vision.md)."""
-    from stoker.demo.cache import ensure
-
-    return ensure(["vision"])["vision"]
-
 
 def png(picture: Picture) -> bytes:
     buf = io.BytesIO()

@@ -41,14 +41,6 @@ def conversation(picture: Picture, question: str) -> list[dict[str, Any]]:
                                          {"type": "text", "text": question}]}]
 
 
-@pytest.fixture(scope="module")
-def demo_vision() -> Path:
-    """The demo vision model alone (built once and cached, like the other demo models)."""
-    from stoker.demo.cache import ensure
-
-    return ensure(["vision"])["vision"]
-
-
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="vLLM's vision models import torchvision (see docs/vllm.md)")
 def test_vllm_answers_about_pictures_like_huggingface(demo_vision: Path) -> None:
     from stoker.chat import open_chat_service

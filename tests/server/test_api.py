@@ -802,8 +802,21 @@ def test_full_queue_is_429(limited: ApiServer) -> None:
         with pytest.raises(openai.RateLimitError):
             client(limited, api_key=LIMITED_KEY).chat.completions.create(model=LIMITED_NAME, messages=WHO)
     assert_error(overflow, 429, "rate_limit_error", says="queue is full")
+    assert overflow.headers["retry-after"] == "1"
     assert taken.queued.status_code == 200 and taken.queued.json()["usage"]["completion_tokens"] == 2
     assert _wait_for(lambda: limited.metrics()["stoker_engine_running"] == 0)
+
+
+def test_a_request_that_can_never_be_admitted_is_400_not_429(limited: ApiServer) -> None:
+    headers = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    body = {"model": LIMITED_NAME, "prompt": ["a", "b", "c"], "max_tokens": 2}
+    refused = httpx.post(limited.v1 + "/completions", json=body, timeout=REQUEST_TIMEOUT_S, headers=headers)
+    assert_error(refused, 400, "invalid_request_error", param="prompt", says=(
+        "3 prompts x n=1 make 3 sequences, more than this server holds at once (2: max_num_seqs=1 running plus "
+        "max_queue=1 waiting): send fewer prompts per request."))
+    body = {"model": LIMITED_NAME, "messages": WHO, "n": 2}
+    refused = httpx.post(limited.v1 + "/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S, headers=headers)
+    assert_error(refused, 400, "invalid_request_error", param="n", says="more than this server runs at once")
 
 
 def test_non_streaming_disconnect_is_cancelled(limited: ApiServer) -> None:

@@ -26,7 +26,7 @@ from stoker.chat.replies import (
     tool_policy,
 )
 from stoker.chat.models import ServedModel, ServedModels
-from stoker.chat.service import ChatService, PreparedChat, open_chat_service
+from stoker.chat.service import ChatService, PreparedChat, open_chat_service, prompt_list
 from stoker.engines.base import (
     BASE_WEIGHTS,
     MIN_TEMPERATURE,
@@ -59,6 +59,7 @@ __all__ = [
     "ToolPolicy",
     "check_json_mode",
     "open_chat_service",
+    "prompt_list",
     "tool_call_dicts",
     "tool_policy",
 ]

@@ -42,6 +42,22 @@ def fit_new_tokens(
     return params
 
 
+def check_text_length(chars: int, what: str, param: str, *, max_model_len: int, max_token_chars: int) -> None:
+    """Refuse, before any tokenizing, text that no tokenization could fit into the context.
+
+    A token covers at most ``max_token_chars`` characters (the vocabulary's longest entry), so text longer than
+    ``max_model_len`` such tokens cannot fit; twice that is allowed, as room for normalizers that drop characters.
+    This turns an 8-million-character body from seconds of tokenizing into an answer in microseconds."""
+    limit = 2 * max_model_len * max_token_chars
+    if chars > limit:
+        raise RequestError(
+            f"{what} is {chars:,} characters, more than the model's context of {max_model_len:,} tokens can hold "
+            f"(at most {limit:,} characters with this tokenizer): shorten it.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def check_requested(
     prompt_len: int, requested: int | None, param: str, *, max_model_len: int, max_length: int | None
 ) -> None:

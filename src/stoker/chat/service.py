@@ -130,6 +130,8 @@ class ChatService:
         if note:
             messages = with_system_note(messages, note, self.settings.default_system)
         normalized, part_images = normalize(messages)
+        if max_prompt_tokens is None:  # a prompt that may be cut (predict's cutoff_len) is not refused
+            self.check_text_length(sum(len(m["content"]) for m in normalized), "the conversation's text", "messages")
         prompt = self.build_prompt(normalized, tools=policy.tools if policy.active else None,
                                    enable_thinking=enable_thinking, images=[*part_images, *images])
         ids, truncated = prompt.ids, False
@@ -197,6 +199,15 @@ class ChatService:
         return ImagePrompter(self.settings, self.processor, self.template, self.tokenizer,
                              expand=self.info.expands_images, model_name=self.model_name)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: the longest entry of the vocabulary."""
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1) or 1
+
+    def check_text_length(self, chars: int, what: str, param: str) -> None:
+        budget.check_text_length(chars, what, param, max_model_len=self.max_model_len,
+                                 max_token_chars=self.max_token_chars)
+
     def fit_params(self, prompt_len: int, params: SamplingParams, *, param: str = "messages") -> SamplingParams:
         """Check the prompt fits the context and cap max_new_tokens by max_length and what is left."""
         return budget.fit_new_tokens(prompt_len, params, max_model_len=self.max_model_len,
@@ -235,15 +246,12 @@ class ChatService:
     def tokenize_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """Text prompts tokenized as is, with the tokenizer's own special tokens (BOS where it adds one); token-id
         prompts as given, once they are checked to be in the vocabulary."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if prompt and isinstance(prompt[0], int):
-            prompt = [prompt]  # type: ignore[list-item]
         out: list[list[int]] = []
-        for i, item in enumerate(prompt):
+        for i, item in enumerate(prompt_list(prompt)):
             if isinstance(item, str):
                 if not item:
                     raise RequestError(f"prompt[{i}] is empty: send some text.", param="prompt")
+                self.check_text_length(len(item), f"prompt[{i}]", "prompt")
                 ids = list(self.tokenizer(item)["input_ids"])
                 if not ids:
                     raise RequestError(f"prompt[{i}] tokenizes to nothing: send some text.", param="prompt")
@@ -308,6 +316,13 @@ class ChatService:
     def describe(self) -> str:
         """The configured model, for banners and titles: ``base + adapter1 + adapter2``."""
         return self.models.configured.description
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts a text completion's ``prompt`` holds: one string, or one list of token ids, is one prompt."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
 
 
 def open_chat_service(settings: Settings, *, per_request_adapters: bool = False) -> ChatService:

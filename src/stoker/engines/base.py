@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stoker.errors import NotFoundError, RequestError
+from stoker.errors import NotFoundError, OverloadedError, RequestError
 
 FinishReason = Literal["stop", "length"]
 MIN_TEMPERATURE = 1e-5
@@ -210,6 +210,18 @@ def check_token_ids(ids: Sequence[object], vocab_size: int | None, where: str) -
         raise RequestError(f"{where} has prompt token ids outside the vocabulary {bound}.", param="prompt")
 
 
+def check_queue(beyond_batch: int, new_rows: int, max_queue: int) -> None:
+    """Refuse new work when more than ``max_queue`` sequences would wait beyond the running batch's slots.
+
+    ``beyond_batch``: sequences (choices) not able to start at the next step, the new ones included; a burst that
+    still fits the free slots never counts as queued."""
+    if beyond_batch > max_queue:
+        waiting = max(0, beyond_batch - new_rows)
+        raise OverloadedError(
+            f"the engine's queue is full ({waiting} sequences wait beyond the running batch, max_queue={max_queue}); "
+            "retry later, or raise max_queue / max_num_seqs.")
+
+
 def unknown_adapter(name: str, loaded: Sequence[str]) -> NotFoundError:
     names = ", ".join(loaded) or "none"
     return NotFoundError(f"unknown adapter {name!r} (loaded adapters: {names}); pick one of them or none.",
@@ -224,7 +236,7 @@ class EngineInfo:
     vocab_size: int | None = None  # prompt token ids must lie in [0, vocab_size)
     max_num_seqs: int = 64  # sequences (choices) decoded together
     max_batch_tokens: int | None = None  # prompt + new tokens of the running sequences; None: no such cap
-    max_queue: int = 256  # waiting requests beyond which a new one is refused (OverloadedError)
+    max_queue: int = 256  # sequences that may wait beyond the running batch (more: OverloadedError)
     eos_ids: list[int] = field(default_factory=list)  # token ids that end every choice
     adapters: list[str] = field(default_factory=list)  # adapter names selectable per request
     default_adapter: str | None = None  # applied to requests that name none

@@ -27,13 +27,14 @@ from stoker.engines.base import (
     GenerationRequest,
     TokenLogprob,
     check_prompt,
+    check_queue,
     unknown_adapter,
 )
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
 from stoker.engines.threaded import PreparedRequest, ThreadedEngine
-from stoker.errors import OverloadedError, RequestError, StokerError
+from stoker.errors import RequestError, StokerError
 
 logger = logging.getLogger("stoker")
 
@@ -73,7 +74,8 @@ class HFEngine(ThreadedEngine):
 
     - ``max_num_seqs``: rows (choices) decoded together.
     - ``max_batch_tokens``: admission budget, sum over running rows of prompt + max_new_tokens.
-    - ``max_queue``: waiting requests beyond which ``stream`` raises ``OverloadedError``.
+    - ``max_queue``: sequences (choices) that may wait beyond the batch's free slots before ``stream`` raises
+      ``OverloadedError``.
     - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
     - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
     - ``max_prefill_tokens``: padded prompt tokens per prefill forward (several forwards when more join at once).
@@ -233,10 +235,10 @@ class HFEngine(ThreadedEngine):
         with self._cond:
             if self._closed:
                 raise RequestError("the engine is shut down")
-            if bounded and len(self._waiting) + len(requests) > self.max_queue:
-                raise OverloadedError(
-                    f"the engine's queue is full ({len(self._waiting)} requests waiting, max_queue={self.max_queue}); "
-                    "retry later, or raise max_queue / max_num_seqs.")
+            if bounded:
+                # Only what cannot start at the next step queues: rows beyond the batch's free slots.
+                rows = self._rows_admitted + sum(r.params.n for r in (*self._waiting, *requests))
+                check_queue(rows - self.max_num_seqs, sum(r.params.n for r in requests), self.max_queue)
             self._waiting.extend(requests)
             self._cond.notify()
 

@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.engines.base import BASE_WEIGHTS, Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, unknown_adapter
+from stoker.engines.base import BASE_WEIGHTS, Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, check_queue,
+                                 unknown_adapter
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher
 from stoker.engines.threaded import PreparedRequest, ThreadedEngine
 from stoker.engines.vllm_args import INSTALL_HINT
-from stoker.errors import ConfigError, ModelLoadError, OverloadedError, RequestError, StokerError
+from stoker.errors import ConfigError, ModelLoadError, RequestError, StokerError
 
 logger = logging.getLogger("stoker")
 
@@ -263,11 +264,8 @@ class VLLMEngine(ThreadedEngine):
             if self._closed:
                 raise RequestError("the engine is shut down")
             if bounded:
-                waiting = max(0, sum(r.open_choices for r in self._requests.values()) - self.max_num_seqs)
-                if waiting and waiting + sum(r.params.n for r in requests) > self.max_queue:
-                    raise OverloadedError(
-                        f"the engine's queue is full ({waiting} sequences waiting, max_queue={self.max_queue}); "
-                        "retry later, or raise max_queue / max_num_seqs.")
+                rows = sum(r.open_choices for r in self._requests.values()) + sum(r.params.n for r in requests)
+                check_queue(rows - self.max_num_seqs, sum(r.params.n for r in requests), self.max_queue)
             for req in requests:
                 self._requests[req.uid] = req
             self._incoming.extend(requests)

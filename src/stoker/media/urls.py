@@ -3,7 +3,9 @@
 The host must resolve to public addresses only (private, loopback and link-local ones need
 ``allow_private_urls: true``; unspecified, multicast and reserved ones are always refused), and every redirect is
 checked the same way. The connection goes to the address that was checked, so a second DNS answer cannot swap in
-another. Size, time and redirects are bounded.
+another. Size, time and redirects are bounded; the time limit (``image_fetch_timeout``) is one deadline for the whole
+fetch, which a timer enforces by shutting the socket, because a per-read timeout restarts with every byte that a
+server trickles.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -20,7 +23,6 @@ from stoker.config import Settings
 from stoker.errors import MediaError
 from stoker.media.images import check_size, short
 
-FETCH_TIMEOUT_S = 10.0  # whole fetch, redirects included
 MAX_REDIRECTS = 3
 
 
@@ -57,24 +59,56 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
+        self.opened: socket.socket | None = None  # kept: getresponse() drops self.sock when the response owns it
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.opened = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._ip = ip
+        self.opened: socket.socket | None = None  # kept: getresponse() drops self.sock when the response owns it
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # certificate checked for the host
+        self.sock = self.opened = self._context.wrap_socket(sock, server_hostname=self.host)  # checked for the host
 
 
-def fetch_url(url: str, settings: Settings, *, timeout: float = FETCH_TIMEOUT_S) -> bytes:
-    """GET an image over http(s): public hosts only (see ``check_address``), bounded size, time and redirects."""
+class _Cutoff:
+    """Shuts a connection's socket at the deadline, so that no read (the status line and headers included) outlives
+    it; ``fired`` tells an error (or an early end of the body) that came from the cut."""
+
+    def __init__(self, conn: _PinnedHTTPConnection | _PinnedHTTPSConnection, seconds: float):
+        self.fired = False
+        self._conn = conn
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self._conn.opened
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def fetch_url(url: str, settings: Settings, *, timeout: float | None = None) -> bytes:
+    """GET an image over http(s): public hosts only (see ``check_address``), bounded size, time and redirects.
+
+    ``timeout``: seconds for the whole fetch, redirects included (default ``image_fetch_timeout``)."""
+    timeout = settings.image_fetch_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    timed_out = MediaError(
+        f"fetching the image URL took longer than {timeout:g} s (image_fetch_timeout): the server is slow or "
+        "unreachable; send the image as a data: URL instead.", param="messages")
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -88,8 +122,12 @@ def fetch_url(url: str, settings: Settings, *, timeout: float = FETCH_TIMEOUT_S)
         except ValueError:
             raise MediaError(f"the image URL {short(url)!r} has an invalid port.", param="messages") from None
         ip = _resolve(host, port, settings)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out
         cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        conn = cls(host, port, ip, timeout=max(0.1, deadline - time.monotonic()))
+        conn = cls(host, port, ip, timeout=left)
+        cutoff = _Cutoff(conn, left)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request("GET", target, headers={"User-Agent": "stoker", "Accept": "image/*"})
@@ -102,23 +140,25 @@ def fetch_url(url: str, settings: Settings, *, timeout: float = FETCH_TIMEOUT_S)
             length = response.getheader("Content-Length")
             if length and length.isdigit():
                 check_size(int(length), settings, f"the image at {short(url)}")
-            return _read_bounded(response, settings, deadline, url)
-        except (TimeoutError, socket.timeout):
-            raise MediaError(f"fetching the image URL timed out after {timeout:g} s.", param="messages") from None
+            data = _read_bounded(response, settings, url)
+            if cutoff.fired:
+                raise timed_out
+            return data
         except (OSError, http.client.HTTPException) as exc:
+            if cutoff.fired or isinstance(exc, TimeoutError):
+                raise timed_out from None
             raise MediaError(f"fetching the image URL failed: {exc}.", param="messages") from None
         finally:
+            cutoff.cancel()
             conn.close()
     raise MediaError(f"the image URL redirects more than {MAX_REDIRECTS} times.", param="messages")
 
 
-def _read_bounded(response: Any, settings: Settings, deadline: float, url: str) -> bytes:
+def _read_bounded(response: Any, settings: Settings, url: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        chunk = response.read(65536)
+        chunk = response.read1(65536)  # what one receive brings: the size cap holds while bytes trickle in
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)

@@ -11,13 +11,15 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from stoker import __version__
 from stoker.errors import ConfigError, NotFoundError
 from stoker.server.auth import bearer_auth
+from stoker.server.body import parsed_body
+from stoker.server.docs_page import docs_html
 from stoker.server.errors import install_error_handlers
-from stoker.server.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from stoker.server.middleware import BodyLimitMiddleware, ObservabilityMiddleware, TrailingSlashMiddleware
 from stoker.server.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -56,6 +58,9 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
         title="Stoker",
         version=__version__,
         description="OpenAI-compatible API. Send 'Authorization: Bearer <API_KEY>' when the server has a key.",
+        redirect_slashes=False,  # TrailingSlashMiddleware serves such paths without a redirect
+        docs_url=None,  # FastAPI's pages load scripts from a CDN: /docs below is one local page instead
+        redoc_url=None,
     )
     app.state.stoker = state
     install_error_handlers(app)
@@ -74,12 +79,18 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
                                 param="model", code="model_not_found")
         return next(card for card in state.model_cards() if card.id == served.id)
 
-    @v1.post("/chat/completions", response_model=ChatCompletion, responses=_STREAMABLE)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    context = lambda: service.max_model_len  # noqa: E731
+    chat_body = Depends(parsed_body(ChatCompletionRequest, context))
+    completion_body = Depends(parsed_body(CompletionRequest, context))
+
+    @v1.post("/chat/completions", response_model=ChatCompletion, responses=_STREAMABLE,
+             openapi_extra=_request_body("ChatCompletionRequest"))
+    async def chat_completions(request: Request, body: ChatCompletionRequest = chat_body) -> Response:
         return await create_chat_completion(state, body, request)
 
-    @v1.post("/completions", response_model=Completion, responses=_STREAMABLE)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @v1.post("/completions", response_model=Completion, responses=_STREAMABLE,
+             openapi_extra=_request_body("CompletionRequest"))
+    async def completions(request: Request, body: CompletionRequest = completion_body) -> Response:
         return await create_completion(state, body, request)
 
     app.include_router(v1)
@@ -88,25 +99,42 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
     async def health() -> Health:
         return Health(model=state.configured_model)
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_html(app.openapi()))
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         text = state.metrics.render(service.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_mb * 1024**2)
+    app.add_middleware(TrailingSlashMiddleware)
     app.add_middleware(ObservabilityMiddleware, metrics=state.metrics)  # added last: the outermost
     ids = [card.id for card in state.model_cards()]
     app.openapi = lambda: _openapi_with_model_ids(app, ids, strict=settings.api_strict_model)  # type: ignore
     return app
 
 
+def _request_body(name: str) -> dict[str, Any]:
+    """The OpenAPI request body of a route whose body ``parsed_body`` reads (FastAPI sees only a dependency)."""
+    schema = {"$ref": f"#/components/schemas/{name}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _openapi_with_model_ids(app: FastAPI, model_ids: list[str], *, strict: bool) -> dict[str, Any]:
-    """FastAPI's schema, with the served model ids as the values ``model`` takes (clients and fuzzers see them):
-    the only ones allowed with ``api_strict_model``, else examples (any id gets the configured model)."""
+    """FastAPI's schema, plus the request bodies' schemas, with the served model ids as the values ``model`` takes
+    (clients and fuzzers see them): the only ones allowed with ``api_strict_model``, else examples (any id gets
+    the configured model)."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, bodies = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+                                       ref_template="#/components/schemas/{model}")
+        for name, definition in bodies["$defs"].items():
+            schema["components"]["schemas"].setdefault(name, definition)
         for name in ("ChatCompletionRequest", "CompletionRequest"):
             schema["components"]["schemas"][name]["properties"]["model"]["enum" if strict else "examples"] = model_ids
         app.openapi_schema = schema
@@ -121,6 +149,10 @@ def run_api(settings: Settings) -> int:
 
     # Bind before loading the model: a busy port should fail in a second, not after the load.
     sock = _bind(settings.api_host, settings.api_port)
+    if settings.api_host in ("0.0.0.0", "::", "") and not settings.api_key:
+        logger.warning("listening on every network interface (api_host %r) without an API key: anyone who can reach "
+                       "this machine can use the model. Set API_KEY, or API_HOST=127.0.0.1 to serve this machine "
+                       "only.", settings.api_host)
     service = open_chat_service(settings, per_request_adapters=True)
     try:
         app = create_app(service, settings)

@@ -42,7 +42,9 @@ def stoker_error_body(exc: StokerError) -> dict[str, Any]:
 
 
 def stoker_error_response(exc: StokerError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    # Retry-After: the queue drains as the batch finishes sequences, typically within a second or two.
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else {"Retry-After": "1"} if (
+        exc.http_status == 429) else None
     return JSONResponse(stoker_error_body(exc), status_code=exc.http_status, headers=headers)
 
 

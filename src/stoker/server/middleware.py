@@ -1,5 +1,5 @@
-"""The outer layers of the app: request ids, HTTP metrics, a last-resort 500 in OpenAI's error shape, and a cap
-on request bodies.
+"""The outer layers of the app: request ids, HTTP metrics, a last-resort 500 in OpenAI's error shape, a cap on
+request bodies, and paths with a trailing slash served as they are.
 
 Plain ASGI middlewares (not Starlette's BaseHTTPMiddleware, which buffers and breaks streaming cancellation).
 """
@@ -117,3 +117,25 @@ class BodyLimitMiddleware:
             413, f"the request body is {'' if exact else 'at least '}{size} bytes, more than this "
                  f"server accepts ({limit_mb:g} MiB, api_max_body_mb). Send less (e.g. smaller images), or raise "
                  "api_max_body_mb / API_MAX_BODY_MB.")
+
+
+class TrailingSlashMiddleware:
+    """Serves ``/v1/models/`` as ``/v1/models``, with no redirect.
+
+    Starlette's own answer is a 307 whose ``Location`` is built from the client's ``Host`` header, so ``Host:
+    evil.example`` made the server send clients to another site; the app is created with ``redirect_slashes=False``
+    and paths are mended here instead.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope)
+            scope["path"] = path.rstrip("/") or "/"
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)

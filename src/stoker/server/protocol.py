@@ -11,7 +11,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 # Status for "the client closed the connection before the answer" (nginx's convention); never reaches a client.
 CLIENT_CLOSED = 499
@@ -72,8 +72,25 @@ class ChatMessage(_Request):
 class FunctionDef(_Request):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON Schema of the arguments' object.")
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The schema is rendered into the prompt and read back to check calls: refuse one that means nothing."""
+        if value is None:
+            return value
+        import jsonschema  # about 40 ms to import: only requests with tools pay it
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            where = "".join(f"[{p!r}]" for p in exc.absolute_path)
+            raise ValueError(f"parameters{where} is not a valid JSON Schema: {exc.message}") from None
+        if value.get("type", "object") != "object":
+            raise ValueError(f"parameters must describe an object (type 'object'), not {value['type']!r}")
+        return value
 
 
 class ToolDef(_Request):
@@ -98,8 +115,22 @@ class ResponseFormat(_Request):
     json_schema: dict[str, Any] | None = None
 
 
+class ChatTemplateKwargs(_Request):
+    enable_thinking: StrictBool | None = Field(
+        default=None, description="Switch a reasoning model's thinking on or off (default: the config's)."
+    )
+
+
 class StreamOptions(_Request):
     include_usage: bool | None = None
+
+
+# Rules between fields, for clients and fuzzers that read the schema (``json_schema_extra``); the server checks
+# them as well.
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
 
 
 class SamplingFields(_Request):
@@ -136,9 +167,15 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = Field(
+    chat_template_kwargs: ChatTemplateKwargs | None = Field(
         default=None, description="Extension: {'enable_thinking': bool} switches a reasoning model's thinking."
     )
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+        _STREAM_OPTIONS_NEED_STREAM,
+    ]})
 
 
 class CompletionRequest(SamplingFields):
@@ -151,6 +188,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=128)
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _STREAM_OPTIONS_NEED_STREAM,
+    ]})
 
 
 # --------------------------------------------------------------------------------------------------------------------

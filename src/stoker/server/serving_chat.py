@@ -6,6 +6,7 @@ fields on the way in and OpenAI's message shapes on the way out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -54,7 +55,7 @@ class ChatPlan:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Response:
     started = time.perf_counter()
     request_id = "chatcmpl-" + http.state.request_id
-    plan = plan_chat(state, body, request_id)
+    plan = await asyncio.to_thread(plan_chat, state, body, request_id)  # renders, tokenizes, fetches: off the loop
     return await respond(
         http, state.metrics, state.service, [plan.chat.request], started=started, stream=body.stream,
         events=lambda streams: chat_events(state, plan, streams[0], request_id, plan.model),
@@ -78,14 +79,14 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str) 
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = state.sampling_params(body, max_tokens=requested, logprobs=top)
-    thinking = (body.chat_template_kwargs or {}).get("enable_thinking")
+    thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
     chat = state.service.prepare(
         messages,
         params,
         tools=policy,
         json_mode=json_mode,
         adapter=served.adapter,
-        enable_thinking=thinking if isinstance(thinking, bool) else None,
+        enable_thinking=thinking,
         request_id=request_id,
     )
     state.service.check_budget(len(chat.request.prompt_ids), chat.request.params, requested, param)

@@ -7,6 +7,7 @@ as in OpenAI's API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from stoker.chat import Delta, GenerationRequest, TokenLogprob
+from stoker.chat import Delta, GenerationRequest, TokenLogprob, prompt_list
 from stoker.errors import RequestError
 from stoker.server.protocol import (
     LOGPROB_FLOOR,
@@ -42,7 +43,7 @@ class CompletionPlan:
 async def create_completion(state: ServerState, body: CompletionRequest, http: Request) -> Response:
     started = time.perf_counter()
     request_id = "cmpl-" + http.state.request_id
-    plan = plan_completion(state, body, request_id)
+    plan = await asyncio.to_thread(plan_completion, state, body, request_id)  # renders, tokenizes, fetches: off the loop
     return await respond(
         http, state.metrics, state.service, plan.requests, started=started, stream=body.stream,
         events=lambda streams: completion_events(state, plan, streams, request_id, plan.model),
@@ -60,6 +61,7 @@ def plan_completion(state: ServerState, body: CompletionRequest, request_id: str
         raise RequestError("echo with logprobs would need prompt logprobs, which this server does not compute: "
                            "drop one of them.", param="logprobs")
     service = state.service
+    state.check_sequences(body.n, len(prompt_list(body.prompt)))  # before tokenizing what can never run
     prompts = service.tokenize_prompts(body.prompt)
     explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
     params = state.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)

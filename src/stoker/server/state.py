@@ -66,6 +66,24 @@ class ServerState:
                         "makes them a 404)", model, self.configured_model)
         return self.service.models.configured, self.configured_model
 
+    def check_sequences(self, n: int, prompts: int) -> None:
+        """Refuse, with a 400, a request that could never be admitted: a 429 would have the client retry forever."""
+        info = self.service.info
+        if n > info.max_num_seqs:
+            raise RequestError(
+                f"n={n} is more than this server runs at once (max_num_seqs={info.max_num_seqs}): "
+                "ask for fewer choices.",
+                param="n",
+            )
+        limit = info.max_num_seqs + info.max_queue
+        if n * prompts > limit:
+            raise RequestError(
+                f"{prompts} prompts x n={n} make {n * prompts} sequences, more than this server holds at once "
+                f"({limit}: max_num_seqs={info.max_num_seqs} running plus max_queue={info.max_queue} waiting): "
+                "send fewer prompts per request.",
+                param="prompt",
+            )
+
     # ---------------------------------------------------------------------------------------------------------------
     def sampling_params(self, body: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The request's sampling fields over the config's defaults (fields the request leaves out keep them)."""
@@ -73,13 +91,7 @@ class ServerState:
             raise RequestError("logit_bias is not supported by this server: remove it.", param="logit_bias")
         if body.stream_options is not None and not body.stream:
             raise RequestError("stream_options is only allowed when stream is true.", param="stream_options")
-        max_num_seqs = self.service.info.max_num_seqs
-        if body.n > max_num_seqs:
-            raise RequestError(
-                f"n={body.n} is more than this server runs at once (max_num_seqs={max_num_seqs}): "
-                "ask for fewer choices.",
-                param="n",
-            )
+        self.check_sequences(body.n, 1)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         top_k = None if body.top_k is None else max(body.top_k, 0)  # -1 (vLLM's "off") is 0 here
         return self.service.sampling_params(
