@@ -87,3 +87,15 @@ def test_train_without_predict_explains() -> None:
     assert out.stderr.endswith(
         "stoker: error: nothing to do: set do_predict: true (with predict_with_generate: true) to run prediction.\n"
     )
+
+
+def test_non_utf8_yaml_exits_2_naming_the_byte(tmp_path: Path) -> None:
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("model_name_or_path: x\n# caf\u00e9\n".encode("latin-1"))
+    out = stoker("chat", str(cfg))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.endswith(
+        f"stoker: error: {cfg} is not UTF-8 text: byte 27 (line 2) is 0xe9. "
+        "Save the file as UTF-8 (most editors offer it under 'Save with encoding').\n"
+    )

@@ -30,8 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.engines.base import BASE_WEIGHTS, Delta, EngineInfo, GenerationRequest, TokenLogprob, check_prompt, check_queue,
-                                 unknown_adapter
+from stoker.engines.base import (
+    BASE_WEIGHTS,
+    Delta,
+    EngineInfo,
+    GenerationRequest,
+    TokenLogprob,
+    check_prompt,
+    check_queue,
+    unknown_adapter,
+)
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
 from stoker.engines.stops import StopStringMatcher

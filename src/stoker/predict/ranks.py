@@ -12,6 +12,10 @@ Every process holds its own model replica and predicts the rows whose position `
 
 When a step fails on some process, all of them learn it at the next agreement point (``Group.agree``): the lowest
 failing rank raises its error (the one message the user sees) and the others stop quietly with ``PeerFailed``.
+A process that dies outright (killed, out of memory) cannot report anything: the launcher sees it exit, stops the
+others at once and says in one line which rank died; a survivor caught in a collective with it stops with
+``PeerLost`` (quietly under our launcher, which speaks for the run). Workers end with their launcher, even a
+``kill -9``-ed one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ T = TypeVar("T")
 
 SETTINGS_ENV = "STOKER_PREDICT_SETTINGS"  # the launcher hands the validated settings to its workers as JSON
 DEBUG_ENV = "STOKER_PREDICT_DEBUG"
+LAUNCHER_ENV = "STOKER_PREDICT_LAUNCHER_PID"  # set for our workers: whom to die with, and that the launcher speaks
+EXIT_PEER_LOST = 3  # a worker stopped because another one vanished; never the cause the launcher reports
 # Processes wait for the slowest one at the end of generation, which can take hours; a crashed process is noticed
 # by the launcher (torchrun or ours), which stops the rest, so this only bounds a hang nobody else would notice.
 COLLECTIVE_TIMEOUT = timedelta(days=2)
@@ -49,6 +55,10 @@ FAILURE_GRACE_S = 30.0
 
 class PeerFailed(Exception):
     """Another process failed and reported it; this one stops without repeating the message."""
+
+
+class PeerLost(Exception):
+    """A collective failed: another process vanished without reporting anything."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,10 @@ class Group:
         if self._dist is None:
             return [value]
         out: list[Any] = [None] * self.world.size
-        self._dist.all_gather_object(out, value)
+        try:
+            self._dist.all_gather_object(out, value)
+        except Exception as exc:  # gloo raises plain RuntimeErrors ("Connection closed by peer") when one died
+            raise PeerLost(str(exc)) from exc
         return out
 
     def agree(self, step: Callable[[], T]) -> T:
@@ -164,12 +177,13 @@ def end_process(code: int) -> int:
 # --- the NPROC_PER_NODE launcher -----------------------------------------------------------------------------------
 
 
-def launch_workers(settings: Settings, plan: LaunchPlan) -> int:
+def launch_workers(settings: Settings, plan: LaunchPlan, *, lock_fd: int | None = None) -> int:
     """Run predict in ``plan.processes`` worker processes on this machine; returns the exit code for the CLI.
 
     Workers share the CPU cores between them (``OMP_NUM_THREADS``, unless set already) and, with enough GPUs
     visible, get ``plan.gpus_per_process`` each (``CUDA_VISIBLE_DEVICES``; more than one is vLLM tensor
-    parallelism). The first worker that fails stops the others.
+    parallelism). The first worker that fails stops the others. ``lock_fd`` (the ``output_dir`` lock) is inherited
+    by every worker, so the folder stays locked until the last of them is gone.
     """
     count, per = plan.processes, plan.gpus_per_process
     if per > 1:
@@ -178,6 +192,7 @@ def launch_workers(settings: Settings, plan: LaunchPlan) -> int:
     base.pop(NPROC_ENV, None)
     base.pop("FORCE_TORCHRUN", None)
     base[SETTINGS_ENV] = settings_to_json(settings)
+    base[LAUNCHER_ENV] = str(os.getpid())
     if logger.isEnabledFor(logging.DEBUG):
         base[DEBUG_ENV] = "1"
     src = str(Path(__file__).resolve().parents[2])  # so that `-m stoker.predict.worker` imports this very package
@@ -197,7 +212,8 @@ def launch_workers(settings: Settings, plan: LaunchPlan) -> int:
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             if pinned:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * per : (rank + 1) * per])
-            procs.append(subprocess.Popen([sys.executable, "-m", "stoker.predict.worker"], env=env))
+            procs.append(subprocess.Popen([sys.executable, "-m", "stoker.predict.worker"], env=env,
+                                          pass_fds=() if lock_fd is None else (lock_fd,)))
         return _wait_all(procs)
     except KeyboardInterrupt:
         # The terminal's Ctrl-C reached the workers too (same process group); give them time to save and stop.
@@ -208,10 +224,23 @@ def launch_workers(settings: Settings, plan: LaunchPlan) -> int:
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for every worker. After a failure the others get ``FAILURE_GRACE_S`` to stop on their own (a failed step
-    stops them all within moments); then they are stopped, as they might otherwise wait for the failed one forever."""
+    """Wait for every worker. A worker that reported an error (exit code 2) lets the others stop on their own: they
+    learn it at the next agreement point, within moments, and get ``FAILURE_GRACE_S`` before they are stopped. One
+    that died any other way said nothing and never will, so the others are stopped at once and the launcher says
+    which rank died; the rows finished so far are saved and the next run resumes from them."""
     deadline = None
-    while any(p.poll() is None for p in procs):
+    while True:
+        running = [p for p in procs if p.poll() is None]
+        died = _died(procs)
+        if died is not None:
+            _stop(procs, signal.SIGTERM, grace=5.0)
+            rank, code = died
+            print(f"stoker: error: predict worker {rank} (of {len(procs)}) {_how(code)}; the other workers were "
+                  "stopped. The rows finished so far are saved: run the same command again to resume.",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        if not running:
+            break
         if deadline is None and any(p.returncode not in (None, 0) for p in procs):
             deadline = time.monotonic() + FAILURE_GRACE_S
         if deadline is not None and time.monotonic() > deadline:
@@ -221,9 +250,28 @@ def _wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
     codes = [p.wait() for p in procs]
     if not any(codes):
         return 0
-    chosen = [c for c in codes if c > 0]  # codes the workers exited with, not signals they got
+    chosen = [c for c in codes if c > 0 and c != EXIT_PEER_LOST]  # codes the workers exited with, not signals
     # Rank 0 speaks for the run (its error is the one printed); else the first failure's code.
-    return codes[0] if codes[0] > 0 else (chosen[0] if chosen else 1)
+    return codes[0] if codes[0] in chosen else (chosen[0] if chosen else 1)
+
+
+def _died(procs: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
+    """The first worker that ended in a way it did not report (a signal, a crash), as (rank, exit code)."""
+    for rank, proc in enumerate(procs):
+        if proc.returncode is not None and proc.returncode not in (0, 2, 130, EXIT_PEER_LOST):
+            return rank, proc.returncode
+    return None
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"died: killed by {name}{hint}"
+    return f"died with exit code {code}"
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], sig: int, *, grace: float) -> None:

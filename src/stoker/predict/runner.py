@@ -2,7 +2,8 @@
 
 Per process (see ``ranks`` for running several):
 
-1. load the datasets and fingerprint the config; the main process checks ``output_dir`` against it (or clears it);
+1. the main process locks ``output_dir`` (one live run per folder, see ``dirlock``); load the datasets and fingerprint
+   the config; the main process checks ``output_dir`` against it (or clears it);
 2. take this process's rows (position % world == rank) that no earlier run finished, render them through the chat
    service and cut long prompts to ``cutoff_len``;
 3. generate, shortest prompts first, in chunks handed to the engine's ``generate_batch``. A few chunks are in flight
@@ -35,7 +36,18 @@ from stoker.predict.examples import Example, RowKey
 from stoker.predict.launch import NPROC_ENV, LaunchPlan, plan_launch, visible_devices, weights_bytes
 from stoker.predict.metrics import check_scorers, compute_similarity, speed_metrics, with_prefix
 from stoker.predict.prompts import RenderedRow, render_rows
-from stoker.predict.ranks import Group, PeerFailed, World, launch_workers, pin_gpu, world_from_env
+from stoker.predict.dirlock import OutputDirLock, lock_output_dir
+from stoker.predict.ranks import (
+    EXIT_PEER_LOST,
+    LAUNCHER_ENV,
+    Group,
+    PeerFailed,
+    PeerLost,
+    World,
+    launch_workers,
+    pin_gpu,
+    world_from_env,
+)
 from stoker.predict.writer import (
     ALL_RESULTS_FILE,
     OUTPUT_KEYS,
@@ -60,7 +72,12 @@ def run_predict(settings: Settings) -> int:
     preflight(engine_settings(settings), "predict")  # a bad config stops here, before any process or model starts
     plan = launch_plan(settings)
     if plan.launches:
-        return launch_workers(settings, plan)
+        lock = lock_output_dir(settings.output_dir or "")  # before any worker starts: a clash is refused at once
+        try:
+            return launch_workers(settings, plan, lock_fd=None if lock is None else lock.fd)
+        finally:
+            if lock is not None:
+                lock.release()
     return predict(settings, world_from_env())
 
 
@@ -94,6 +111,7 @@ class RankStats:
 class _Plan:
     datasets: list[EvalDataset]
     store: PredictionStore
+    lock: OutputDirLock | None = None  # held by the main process, unless a launcher holds it for every worker
 
 
 def predict(settings: Settings, world: World) -> int:
@@ -103,7 +121,7 @@ def predict(settings: Settings, world: World) -> int:
     if quiet:
         logger.setLevel(logging.ERROR)  # one voice: the main process reports for the run
     group = Group(world)
-    service = None
+    service, plan = None, None
     try:
         plan = group.agree(lambda: _load(settings, world))
         done = plan.store.done_keys()
@@ -150,10 +168,18 @@ def predict(settings: Settings, world: World) -> int:
         return 0
     except PeerFailed:
         return 2
+    except PeerLost as exc:
+        if os.environ.get(LAUNCHER_ENV):
+            return EXIT_PEER_LOST  # the launcher saw which worker died and says so, once
+        print(f"stoker: error: predict process {world.rank} lost contact with another one ({exc}): it stopped or "
+              "crashed. The rows finished so far are saved: run the same command again to resume.", file=sys.stderr)
+        return 1
     finally:
         if service is not None:
             service.close()
         group.close()
+        if plan is not None and plan.lock is not None:
+            plan.lock.release()
         if quiet:
             logger.setLevel(level)
 
@@ -162,6 +188,17 @@ def predict(settings: Settings, world: World) -> int:
 
 
 def _load(settings: Settings, world: World) -> _Plan:
+    # The main process locks output_dir first, so a clash is refused before any data is read.
+    lock = lock_output_dir(settings.output_dir or "") if world.is_main and not os.environ.get(LAUNCHER_ENV) else None
+    try:
+        return _Plan(*_load_unlocked(settings, world), lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _load_unlocked(settings: Settings, world: World) -> tuple[list[EvalDataset], PredictionStore]:
     datasets = load_datasets(
         settings.eval_dataset or settings.dataset,
         settings.dataset_dir,
@@ -181,7 +218,7 @@ def _load(settings: Settings, world: World) -> _Plan:
         if settings.do_predict and not settings.predict_with_generate:
             logger.info("predict_with_generate is false; Stoker generates anyway (it computes no loss)")
         store.prepare(overwrite=settings.overwrite_output_dir)
-    return _Plan(datasets, store)
+    return datasets, store
 
 
 def model_folders(settings: Settings) -> list[Path]:
