@@ -499,3 +499,107 @@ def test_nproc_and_world_come_from_the_environment() -> None:
         requested_processes({"NPROC_PER_NODE": "two"})
     with pytest.raises(ConfigError, match="RANK=5 is outside WORLD_SIZE=2"):
         world_from_env({"WORLD_SIZE": "2", "RANK": "5"})
+
+
+# --- one run per folder; no orphans --------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_first(
+    tmp_path: Path, demo_chat: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stoker.predict.dirlock import lock_output_dir
+
+    out = tmp_path / "out"
+    config = demo_config(tmp_path, demo_chat, data_dir, out, eval_dataset="qa")
+    held = lock_output_dir(out)  # stands for a run in progress: the same lock a run takes
+    assert held is not None
+    try:
+        assert cli_main(["predict", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"output_dir {out} is in use by another predict run (process {os.getpid()}, started " in err
+        assert "Wait for it to finish or stop it, or choose another output_dir." in err
+        assert "Traceback" not in err and not (out / "predict_parts").exists()
+    finally:
+        held.release()
+    assert cli_main(["predict", str(config)]) == 0  # the lock went with its holder
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has stopped; only its exit status waits for a reaper
+
+
+def _wait_for_rows(proc: subprocess.Popen[str], parts: list[Path], at_least: int) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(p.exists() and p.read_text(encoding="utf-8").count("\n") >= at_least for p in parts):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before {at_least} rows per process were saved")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds worker processes through /proc")
+def test_a_killed_launcher_or_worker_leaves_no_orphans_and_loses_no_rows(
+    tmp_path: Path, demo_chat: Path, data_dir: Path
+) -> None:
+    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
+            for c in echo_cases(64, seed=5, min_words=3, max_words=6)]  # fmt: skip
+    (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    keys = {"eval_dataset": "chats", "per_device_eval_batch_size": 1}
+    whole = tmp_path / "whole"
+    assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, whole, **keys))]) == 0
+
+    out = tmp_path / "out"
+    config = demo_config(tmp_path, demo_chat, data_dir, out, **keys)
+    parts = [out / "predict_parts" / f"part-{rank:05d}.jsonl" for rank in range(2)]
+    command = [PYTHON, "-m", "stoker", "predict", str(config)]
+    env = subprocess_env(NPROC_PER_NODE="2")
+
+    # 1. The launcher is killed outright (no chance to clean up): its workers follow it instead of running on.
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for_rows(launcher, parts, 2)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        launcher.kill()
+        assert launcher.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(_gone(w) for w in workers):
+            time.sleep(0.05)
+        assert all(_gone(w) for w in workers), "worker processes outlived their launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    saved = sum(p.read_text(encoding="utf-8").count("\n") for p in parts)
+
+    # 2. One worker dies without a word (as under the out-of-memory killer): the launcher stops the other and says so.
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # A worker that resumed with few rows left may finish before the other is killed; wait for new rows first.
+        time.sleep(0.5)
+        _wait_for_rows(launcher, parts, saved // 2 + 2)
+        os.kill(_children(launcher.pid)[1], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1, err
+    assert ("stoker: error: predict worker 1 (of 2) died: killed by SIGKILL (often the out-of-memory killer); the "
+            "other workers were stopped. The rows finished so far are saved: run the same command again to resume.") in err
+    assert "Traceback" not in err
+    assert not (out / "generated_predictions.jsonl").exists()
+
+    # 3. The same command again resumes both parts to the file one uninterrupted run writes.
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "generated_predictions.jsonl").read_bytes() == (whole / "generated_predictions.jsonl").read_bytes()
