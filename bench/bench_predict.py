@@ -5,7 +5,10 @@ chat service for the demo chat model, greedy, ``--new-tokens`` new tokens at mos
 end of turn). All three contenders get the same prompt token ids and the same stop token, on the same model object:
 
 - ``stoker``: ``runner.generate_rows``, the loop ``stoker predict`` runs (chunks in flight on the continuous-batching
-  engine, ``per_device_eval_batch_size`` rows at most decoding together, each row appended to a part file);
+  engine, up to ``max_num_seqs`` rows decoding together whatever ``per_device_eval_batch_size`` says, each row
+  appended to a part file);
+- ``stoker_capped`` (with ``--capped``): the same loop with the engine capped at ``per_device_eval_batch_size`` rows,
+  as Stoker read the key before; with LLaMA-Factory's ``per_device_eval_batch_size: 1`` it decodes one row at a time;
 - ``generate_batched``: ``model.generate`` over fixed batches of ``per_device_eval_batch_size`` rows in dataset
   order, left-padded (what LLaMA-Factory's ``do_predict`` does);
 - ``generate_one_by_one``: ``model.generate`` one row at a time.
@@ -21,10 +24,13 @@ Usage: ``python bench/bench_predict.py [--rows 200] [--new-tokens 64] [--batch-s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -37,6 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved; the best counts")
     parser.add_argument("--skip-one-by-one", action="store_true", help="leave out the slowest baseline")
+    parser.add_argument("--skip-batched", action="store_true", help="leave out generate in fixed batches")
+    parser.add_argument("--capped", action="store_true", help="add the engine capped at --batch-size rows")
     parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "packed", "stock"], help="the engine's cpu_matmul")
     parser.add_argument("--model", default="demo:chat",
                         help="model folder (default demo:chat); 'stories' for ../shared's stories260K, template empty")
@@ -88,7 +96,7 @@ def main() -> None:
                                  eos_token_id=stop_ids, pad_token_id=pad_id)
         return [trim(row[width:].tolist()) for row in out]
 
-    def run_stoker() -> tuple[float, int, list[str]]:
+    def run_stoker(service: Any = service) -> tuple[float, int, list[str]]:
         stats = RankStats()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "part.jsonl"
@@ -124,7 +132,13 @@ def main() -> None:
     generate(prompts[:2])
     service.generate_batch([r.request() for r in rows[:2]])
 
-    contenders = {"stoker": run_stoker, "generate_batched": run_batched}
+    contenders: dict[str, Callable[[], tuple[float, int, list[str]]]] = {"stoker": run_stoker}
+    if args.capped:
+        capped = open_chat_service(dataclasses.replace(engine_settings(settings), max_num_seqs=args.batch_size))
+        capped.generate_batch([r.request() for r in rows[:2]])
+        contenders["stoker_capped"] = lambda: run_stoker(capped)
+    if not args.skip_batched:
+        contenders["generate_batched"] = run_batched
     if not args.skip_one_by_one:
         contenders["generate_one_by_one"] = run_one_by_one
     timings: dict[str, tuple[float, int, list[str]]] = {}
@@ -134,8 +148,11 @@ def main() -> None:
             if name not in timings or result[0] < timings[name][0]:
                 timings[name] = result
     service.close()
+    if args.capped:
+        capped.close()
 
-    reference = timings.get("generate_one_by_one", timings["generate_batched"])[2]
+    reference = next(timings[k][2] for k in ("generate_one_by_one", "generate_batched", "stoker_capped", "stoker")
+                     if k in timings)
     report = {}
     for name, (seconds, tokens, outputs) in timings.items():
         report[name] = {"seconds": round(seconds, 2), "rows_s": round(len(rows) / seconds, 2),
@@ -154,11 +171,11 @@ def main() -> None:
         "prompt_tokens": sum(len(p) for p in prompts),
         # What the fixed batches prefill, padding included: the work continuous batching can save on the prompts.
         "batched_padded_prompt_tokens": sum(max(map(len, b)) * len(b) for b in batches),
-        "reference": "generate_one_by_one" if "generate_one_by_one" in timings else "generate_batched",
+        "reference": next(k for k in ("generate_one_by_one", "generate_batched", "stoker_capped", "stoker")
+                          if k in timings),
         **report,
-        "speedup_vs_batched": round(timings["generate_batched"][0] / timings["stoker"][0], 2),
-        **({"speedup_vs_one_by_one": round(timings["generate_one_by_one"][0] / timings["stoker"][0], 2)}
-           if "generate_one_by_one" in timings else {}),
+        **{f"speedup_vs_{name.removeprefix('generate_')}": round(timings[name][0] / timings["stoker"][0], 2)
+           for name in timings if name != "stoker"},
     }))
 
 

@@ -455,10 +455,14 @@ def test_a_burst_that_fits_the_free_slots_is_not_queued(endless_llama, tokenizer
             streams = [eng.stream(GenerationRequest(prompt, SamplingParams(4000))) for _ in range(5)]
             streams.append(eng.stream(GenerationRequest(prompt, SamplingParams(4000, n=1))))
             firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
-            await asyncio.gather(*firsts)  # all six admitted or queued: none refused
+            # All six are admitted or queued, none refused (a refusal would end its task with the error).
+            await await_for(lambda: eng.stats()["running"] == 4 and eng.stats()["waiting"] == 2)
+            assert not any(f.done() and f.exception() for f in firsts)
             with pytest.raises(OverloadedError, match=r"\(2 sequences wait beyond the running batch, max_queue=2\)"):
                 await eng.stream(GenerationRequest(prompt, SamplingParams(5))).__anext__()
-            assert eng.stats()["running"] == 4 and eng.stats()["waiting"] == 2
+            for first in firsts:
+                first.cancel()
+            await asyncio.gather(*firsts, return_exceptions=True)
             for stream in streams:
                 await stream.aclose()
             await await_for(lambda: eng.stats()["running"] == 0 and eng.stats()["waiting"] == 0)

@@ -235,7 +235,7 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(
             for c in echo_cases(64, seed=3, min_words=3, max_words=6)]  # fmt: skip
     (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
     # One row at a time: the run lasts long enough to be killed in the middle, even on a fast machine.
-    keys = {"eval_dataset": "chats", "per_device_eval_batch_size": 1}
+    keys = {"eval_dataset": "chats", "max_num_seqs": 1}
 
     whole = tmp_path / "whole"
     assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, whole, **keys))]) == 0
@@ -267,6 +267,28 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(
     assert results(out)["predict_samples_per_second"] * results(out)["predict_runtime"] == pytest.approx(
         len(many) - saved, rel=0.01
     )
+
+
+def test_batch_size_one_does_not_throttle_the_engine(
+    tmp_path: Path, demo_chat: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LLaMA-Factory's predict YAMLs say per_device_eval_batch_size: 1; outputs do not depend on the batch, so the
+    engine still decodes up to max_num_seqs rows together, and writes what one row at a time writes."""
+    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
+            for c in echo_cases(64, seed=7, min_words=3, max_words=6)]  # fmt: skip
+    (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    alone = tmp_path / "alone"
+    assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, alone, eval_dataset="chats",
+                                                max_num_seqs=1))]) == 0  # fmt: skip
+    assert "; up to 1 rows decoded together)" in capsys.readouterr().err
+    batched = tmp_path / "batched"
+    assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, batched, eval_dataset="chats",
+                                                per_device_eval_batch_size=1))]) == 0  # fmt: skip
+    peak = int(capsys.readouterr().err.split("; up to ")[1].split(" rows decoded together")[0])
+    assert 8 < peak <= 64
+    assert (batched / "generated_predictions.jsonl").read_bytes() == (alone / "generated_predictions.jsonl").read_bytes()
+    assert results(batched)["predict_steps_per_second"] == pytest.approx(
+        64 / results(batched)["predict_runtime"], rel=0.05)  # steps still count batches of per_device_eval_batch_size
 
 
 def test_retrained_weights_in_the_same_folder_are_refused(
@@ -555,7 +577,7 @@ def test_a_killed_launcher_or_worker_leaves_no_orphans_and_loses_no_rows(
     many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
             for c in echo_cases(64, seed=5, min_words=3, max_words=6)]  # fmt: skip
     (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
-    keys = {"eval_dataset": "chats", "per_device_eval_batch_size": 1}
+    keys = {"eval_dataset": "chats", "max_num_seqs": 1}
     whole = tmp_path / "whole"
     assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, whole, **keys))]) == 0
 

@@ -167,7 +167,7 @@ class HFEngine(ThreadedEngine):
         self._batch: Any = None  # kv_batch.PaddedKVBatch
         self._kv_cache_tokens = 0  # rows x columns of the running cache, padding included
         self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "requests_finished_total": 0,
-                          "requests_aborted_total": 0, "steps_total": 0}
+                          "requests_aborted_total": 0, "steps_total": 0, "peak_running": 0}
         self._thread = threading.Thread(target=self._run, name="stoker-hf-engine", daemon=True)
         self._thread.start()
 
@@ -304,6 +304,7 @@ class HFEngine(ThreadedEngine):
             self._active[req.uid] = req
             req.open_choices = req.params.n
             self._rows_admitted += req.params.n
+            self._counters["peak_running"] = max(self._counters["peak_running"], self._rows_admitted)
             self._tokens_in_flight += req.cost
             self._counters["prompt_tokens_total"] += len(req.prompt_ids)
         return admitted

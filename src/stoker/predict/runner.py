@@ -11,7 +11,9 @@ Per process (see ``ranks`` for running several):
    appended to this process's part file, flushed, so a killed run resumes where it stopped;
 4. the main process merges the parts in dataset order, scores the labeled rows and writes the results files.
 
-``per_device_eval_batch_size`` caps the sequences the engine decodes together (its ``max_num_seqs``).
+Outputs do not depend on which rows share a step, so ``per_device_eval_batch_size`` does not throttle the engine:
+it decodes up to ``max_num_seqs`` rows together within ``max_batch_tokens``, the budget that bounds memory. The key
+only counts ``predict_steps`` in the metrics, as transformers' Trainer does.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ from stoker.predict.writer import (
 
 logger = logging.getLogger("stoker")
 
-CHUNKS_IN_FLIGHT = 3  # while one chunk's last rows finish, the next ones keep every engine slot busy
+# Rows go to the engine in chunks of about an eighth of its batch (a killed run redoes at most the chunks in flight),
+# with two chunks beyond what fills the batch, so rows are waiting whenever a slot frees.
+CHUNKS_PER_BATCH = 8
+SPARE_CHUNKS = 2
 _SHOWN = 5  # bad rows quoted in a message
 
 
@@ -104,6 +109,7 @@ class RankStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated: int = 0
+    peak_rows: int = 0  # most rows the engine decoded together (0: the engine does not say)
     bad: list[BadRow] = field(default_factory=list)  # rows the template or media loading refused (not generated)
 
 
@@ -160,6 +166,7 @@ def predict(settings: Settings, world: World) -> int:
         if rows:
             with plan.store.open_part(world.rank) as part:
                 generate_rows(service, rows, part, stats, show_progress=world.is_main)
+            stats.peak_rows = int(service.stats().get("peak_running", 0))
         per_rank = group.gather(stats)  # also waits for every process to finish writing
         runtime = time.perf_counter() - start
         # The others wait for the main process's files: no process tears the group down while another still uses
@@ -229,10 +236,14 @@ def model_folders(settings: Settings) -> list[Path]:
 
 
 def engine_settings(settings: Settings) -> Settings:
-    # per_device_eval_batch_size is how many rows LLaMA-Factory generates together; here it caps the engine's rows.
     # LLaMA-Factory's train path sets model_max_length to cutoff_len, which sizes rope_scaling's factor.
-    return dataclasses.replace(settings, max_num_seqs=settings.per_device_eval_batch_size,
-                               model_max_length=settings.model_max_length or settings.cutoff_len)
+    return dataclasses.replace(settings, model_max_length=settings.model_max_length or settings.cutoff_len)
+
+
+def chunking(max_num_seqs: int) -> tuple[int, int]:
+    """(rows per ``generate_batch`` call, calls in flight) for an engine that decodes ``max_num_seqs`` rows."""
+    size = max(1, math.ceil(max_num_seqs / CHUNKS_PER_BATCH))
+    return size, math.ceil(max_num_seqs / size) + SPARE_CHUNKS
 
 
 def _all_examples(datasets: Sequence[EvalDataset]) -> list[Example]:
@@ -259,7 +270,7 @@ def generate_rows(
     # rows of similar length pad little. (Longest first would pad the whole first wave, which spans the long tail of
     # prompt lengths, to the longest prompt of the dataset.)
     rows = sorted(rows, key=lambda r: (len(r.ids), r.position))
-    chunk = max(1, service.info.max_num_seqs)
+    chunk, in_flight = chunking(service.info.max_num_seqs)
     chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     progress = _progress(len(rows), show_progress)
     started = time.perf_counter()
@@ -277,13 +288,13 @@ def generate_rows(
     def submit(pool: ThreadPoolExecutor, batch: list[RenderedRow]) -> Future[list[Completion]]:
         return pool.submit(service.generate_batch, [r.request() for r in batch])
 
-    pool = ThreadPoolExecutor(max_workers=CHUNKS_IN_FLIGHT, thread_name_prefix="stoker-predict")
+    pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="stoker-predict")
     pending = iter(chunks)
     running: dict[Future[list[Completion]], list[RenderedRow]] = {}
     try:
         for batch in pending:
             running[submit(pool, batch)] = batch
-            if len(running) == CHUNKS_IN_FLIGHT:
+            if len(running) == in_flight:
                 break
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -372,6 +383,9 @@ def _log_summary(settings: Settings, plan: _Plan, per_rank: list[RankStats], run
     generated = sum(s.rows for s in per_rank)
     tokens = sum(s.completion_tokens for s in per_rank)
     rate = f"{generated / runtime:.2f} rows/s, {tokens / runtime:.1f} tokens/s" if runtime > 0 else "-"
+    peak = max((s.peak_rows for s in per_rank), default=0)
+    if peak:
+        rate += f"; up to {peak} rows decoded together" + (" per process" if len(per_rank) > 1 else "")
     logger.info("predict: %d rows written, %d generated now in %.1f s (%s)", written, generated, runtime, rate)
     skipped = sum(len(ds.skipped) for ds in plan.datasets) + sum(len(s.bad) for s in per_rank)
     truncated = sum(s.truncated for s in per_rank)
