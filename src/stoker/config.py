@@ -84,6 +84,7 @@ class Settings:
     max_batch_tokens: int = 65536  # prompt + new tokens of all running requests
     max_queue: int = 256  # waiting requests beyond this get HTTP 429
     cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # oneDNN with prepacked weights on CPU (engines.cpu_linear)
+    torch_threads: int = 0  # torch's CPU threads for the huggingface backend; 0: OMP_NUM_THREADS, else the physical cores
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096
     vllm_gpu_util: float = 0.7  # LLaMA-Factory's default
@@ -417,6 +418,9 @@ def _check(s: Settings) -> None:
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"invalid value for {key}: {getattr(s, key)!r}; expected an integer >= 1.")
+    if s.torch_threads < 0:
+        raise ConfigError(f"invalid value for torch_threads: {s.torch_threads!r}; expected a number of CPU threads "
+                          ">= 1, or 0 for the default (OMP_NUM_THREADS if set, else one per physical core).")
     for key in ("max_new_tokens", "max_length", "max_samples"):
         value = getattr(s, key)
         if value is not None and value < 1:

@@ -1,10 +1,14 @@
-"""``engines.factory.plan_adapters``: one rule, both backends, for what becomes of the config's LoRA adapters."""
+"""``engines.factory``: one rule, both backends, for what becomes of the config's LoRA adapters; torch's threads."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, STORIES
 
 from stoker.config import settings_from_dict
 from stoker.engines.factory import AdapterPlan, plan_adapters
@@ -48,3 +52,22 @@ def test_several_per_request_adapters_stack_on_huggingface_only() -> None:
     with pytest.raises(ConfigError, match=r"so it cannot serve the configured model, which applies 2 adapters in "
                                           r"order \(a, b\)"):
         plan(TWO, per_request=True, infer_backend="vllm")
+
+
+def test_torch_threads_is_set_before_the_model_loads(tmp_path: Path) -> None:
+    """In a fresh process (the setting is process-wide): torch's thread count is the key's, and 0 leaves torch's own."""
+    script = ("import sys, torch\n"
+              "from stoker.config import settings_from_dict\n"
+              "from stoker.engines.factory import open_engine\n"
+              "default = torch.get_num_threads()\n"
+              "opened = open_engine(settings_from_dict({'model_name_or_path': sys.argv[1], 'torch_threads': int(sys.argv[2])}))\n"
+              "print(default, torch.get_num_threads())\n"
+              "opened.engine.close()\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("OMP_NUM_THREADS", None)
+    for threads in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", script, str(STORIES), threads], env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        default, now = map(int, proc.stdout.split())
+        assert now == (1 if threads == "1" else default)

@@ -119,6 +119,11 @@ def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path],
     from stoker.models.facts import eos_token_ids, read_model_facts
     from stoker.models.loader import gguf_of, load_model
 
+    if settings.torch_threads:
+        import torch
+
+        # Process-wide, and before loading: weight conversion and packing run on these threads too.
+        torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings, path=path, adapters=adapters, merge=plan.merge, stack=plan.stack)
     selectable = [*adapters, *([STACKED_ADAPTER] if plan.stack else [])]
     engine = HFEngine(
