@@ -551,7 +551,7 @@ def test_token_id_prompts_are_checked_before_anything_reads_them(server: ApiServ
     for prompt in ([-5, 3], [[3, 10**9]]):
         response = httpx.post(url, json={"model": base_id(demo_chat), "prompt": prompt, "echo": True}, timeout=10)
         error = assert_error(response, 400, "invalid_request_error", param="prompt", says="outside the vocabulary")
-        assert error["message"].startswith("prompt[0] has prompt token ids outside the vocabulary [0, ")
+        assert error["message"].startswith("prompt[0] has token ids outside the vocabulary [0, ")
     response = httpx.post(url, json={"model": base_id(demo_chat), "prompt": [[False]]}, timeout=10)
     assert_error(response, 400, "invalid_request_error", param="prompt[0][0]", says="prompt[0][0]: Input should be a valid integer")
 

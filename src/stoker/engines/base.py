@@ -202,12 +202,12 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
     return prompt, min(request.params.max_new_tokens, max_model_len - len(prompt))
 
 
-def check_token_ids(ids: Sequence[object], vocab_size: int | None, where: str) -> None:
+def check_token_ids(ids: Sequence[object], vocab_size: int | None, where: str, *, param: str = "prompt") -> None:
     """Token ids are integers (not booleans) inside the vocabulary."""
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab_size is not None and t >= vocab_size)
            for t in ids):
         bound = f"[0, {vocab_size})" if vocab_size is not None else "(integers >= 0)"
-        raise RequestError(f"{where} has prompt token ids outside the vocabulary {bound}.", param="prompt")
+        raise RequestError(f"{where} has token ids outside the vocabulary {bound}.", param=param)
 
 
 def check_queue(beyond_batch: int, new_rows: int, max_queue: int) -> None:

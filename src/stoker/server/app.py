@@ -21,6 +21,11 @@ from stoker.server.docs_page import docs_html
 from stoker.server.errors import install_error_handlers
 from stoker.server.middleware import BodyLimitMiddleware, ObservabilityMiddleware, TrailingSlashMiddleware
 from stoker.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    RenderedChat,
+    TokenizeRequest,
+    TokenizeResponse,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -32,6 +37,7 @@ from stoker.server.protocol import (
 )
 from stoker.server.serving_chat import create_chat_completion
 from stoker.server.serving_completions import create_completion
+from stoker.server.serving_tokens import detokenize, render_chat, tokenize
 from stoker.server.state import ServerState
 
 if TYPE_CHECKING:
@@ -93,7 +99,25 @@ def create_app(service: ChatService, settings: Settings) -> FastAPI:
     async def completions(request: Request, body: CompletionRequest = completion_body) -> Response:
         return await create_completion(state, body, request)
 
+    @v1.post("/chat/completions/render", response_model=RenderedChat,
+             openapi_extra=_request_body("ChatCompletionRequest"))
+    async def render(request: Request, body: ChatCompletionRequest = chat_body) -> RenderedChat:
+        return await render_chat(state, body, "render-" + request.state.request_id)
+
     app.include_router(v1)
+    tokens = APIRouter(dependencies=[Depends(bearer_auth(settings.api_key))], responses=_ERRORS)
+
+    @tokens.post("/tokenize", response_model=TokenizeResponse, openapi_extra=_request_body("TokenizeRequest"))
+    async def tokenize_route(request: Request,
+                             body: TokenizeRequest = Depends(parsed_body(TokenizeRequest, context))) -> TokenizeResponse:
+        return await tokenize(state, body, "tokenize-" + request.state.request_id)
+
+    @tokens.post("/detokenize", response_model=DetokenizeResponse, openapi_extra=_request_body("DetokenizeRequest"))
+    async def detokenize_route(body: DetokenizeRequest = Depends(parsed_body(DetokenizeRequest, context))
+                               ) -> DetokenizeResponse:  # fmt: skip
+        return await detokenize(state, body)
+
+    app.include_router(tokens)
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
@@ -131,8 +155,9 @@ def _openapi_with_model_ids(app: FastAPI, model_ids: list[str], *, strict: bool)
         from pydantic.json_schema import models_json_schema
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        _, bodies = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
-                                       ref_template="#/components/schemas/{model}")
+        _, bodies = models_json_schema([(m, "validation") for m in (ChatCompletionRequest, CompletionRequest,
+                                                                    TokenizeRequest, DetokenizeRequest)],
+                                       ref_template="#/components/schemas/{model}")  # fmt: skip
         for name, definition in bodies["$defs"].items():
             schema["components"]["schemas"].setdefault(name, definition)
         for name in ("ChatCompletionRequest", "CompletionRequest"):

@@ -89,7 +89,7 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return f"the request body is not valid JSON ({detail}). Send a JSON object.", None
-    if any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+    if any(tuple(err.get("loc", ())) == ("body",) and err.get("type") != "value_error" for err in errors):
         return "the request body must be a JSON object (with Content-Type: application/json).", None
     grouped: dict[str, list[str]] = {}
     for err in errors:
@@ -111,6 +111,8 @@ def _message(err: dict[str, Any]) -> str:
         return "field required"
     if kind == "too_short" and err.get("loc", ())[-1:] == ("messages",):
         return "must hold at least one message (e.g. [{'role': 'user', 'content': 'Hello'}])"
+    if kind == "value_error":  # a rule of the model's own: its text is the message
+        return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
         return f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"

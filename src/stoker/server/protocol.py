@@ -11,7 +11,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 # Status for "the client closed the connection before the answer" (nginx's convention); never reaches a client.
 CLIENT_CLOSED = 499
@@ -297,6 +297,55 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokens in and out (vLLM's /tokenize and /detokenize shapes) and the rendered chat prompt
+# --------------------------------------------------------------------------------------------------------------------
+class TokenizeRequest(_Request):
+    """Either ``prompt`` (text, tokenized as ``/v1/completions`` would) or ``messages`` (rendered with the chat
+    template as ``/v1/chat/completions`` would, ``tools`` and ``chat_template_kwargs`` included)."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[ToolDef] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt (text) or messages (a conversation)")
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str = ""
+    tokens: list[StrictInt] = Field(min_length=1)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class RenderedChat(BaseModel):
+    """The exact prompt a chat completion request gives the model, and how much room it leaves."""
+
+    model: str
+    prompt: str
+    prompt_token_ids: list[int]
+    count: int
+    max_model_len: int
 
 
 class Health(BaseModel):
