@@ -135,7 +135,8 @@ def test_flash_attn_maps_onto_the_attention_implementation(demo_chat: Path) -> N
 
 
 def test_training_flags_of_a_predict_yaml_set_the_dtype_and_low_cpu_mem_usage_the_device() -> None:
-    from stoker.models.loader import pick_device, pick_dtype
+    from stoker.models.loader import pick_device
+    from stoker.models.options import pick_dtype
 
     assert pick_dtype(settings(bf16=True), "cpu") == torch.bfloat16
     assert pick_dtype(settings(pure_bf16=True), "cpu") == torch.bfloat16

@@ -188,23 +188,6 @@ def pick_device(settings: Settings) -> str:
     return "cpu"
 
 
-def pick_dtype(settings: Settings, device: str) -> Any:
-    import torch
-
-    if settings.infer_dtype != "auto":
-        return getattr(torch, settings.infer_dtype)
-    # A predict YAML's training flags set the compute dtype, as in LLaMA-Factory's train path.
-    if settings.bf16 or settings.pure_bf16:
-        return torch.bfloat16
-    if settings.fp16:
-        return torch.float16
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    return torch.float32  # half precision on CPU is slow and inexact
-
-
 def load_model(
     settings: Settings,
     *,
@@ -220,6 +203,8 @@ def load_model(
     ``settings.merge_adapters``. ``stack``: unmerged, also add ``STACKED_ADAPTER`` (see ``apply_adapters``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stoker.models.options import pick_dtype
 
     path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
     tokenizer = load_tokenizer(settings, path)

@@ -43,7 +43,6 @@ def quantization_config(settings: Settings, config: Any, device: str) -> Any:
     bits = settings.quantization_bit
     if bits is None:
         return None
-    from stoker.models.loader import pick_dtype
 
     method = settings.quantization_method
     if method == "bnb":
@@ -178,3 +177,20 @@ def log_param_status(model: Any) -> None:
     for name, param in model.named_parameters():
         logger.info("name: %s, dtype: %s, device: %s, trainable: %s", name, param.dtype, param.device,
                     param.requires_grad)
+
+
+def pick_dtype(settings: Settings, device: str) -> Any:
+    import torch
+
+    if settings.infer_dtype != "auto":
+        return getattr(torch, settings.infer_dtype)
+    # A predict YAML's training flags set the compute dtype, as in LLaMA-Factory's train path.
+    if settings.bf16 or settings.pure_bf16:
+        return torch.bfloat16
+    if settings.fp16:
+        return torch.float16
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32  # half precision on CPU is slow and inexact
