@@ -135,9 +135,15 @@ def cmd_check(args: list[str]) -> int:
 
 
 def cmd_predict(args: list[str]) -> int:
-    from stoker.predict.runner import run_predict
+    return _predict(load_command_settings(args, "predict"))
 
-    return run_predict(load_command_settings(args, "predict"))
+
+def _predict(settings):  # Settings -> exit code
+    from stoker.predict.runner import engine_settings, run_predict
+    from stoker.preflight import preflight
+
+    preflight(engine_settings(settings), "predict")  # a bad config stops here, before any process or model starts
+    return run_predict(settings)
 
 
 def cmd_train(args: list[str]) -> int:
@@ -151,9 +157,7 @@ def cmd_train(args: list[str]) -> int:
         )
     if not settings.do_predict:
         raise ConfigError("nothing to do: set do_predict: true (with predict_with_generate: true) to run prediction.")
-    from stoker.predict.runner import run_predict
-
-    return run_predict(settings)
+    return _predict(settings)
 
 
 def cmd_template(args: list[str]) -> int:

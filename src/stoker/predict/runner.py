@@ -71,10 +71,8 @@ _SHOWN = 5  # bad rows quoted in a message
 
 def run_predict(settings: Settings) -> int:
     """Entry point for the CLI: one process, torchrun's workers, or a launcher of one worker per GPU (or
-    ``NPROC_PER_NODE=N``), as ``predict.launch`` decides."""
-    from stoker.preflight import preflight
-
-    preflight(engine_settings(settings), "predict")  # a bad config stops here, before any process or model starts
+    ``NPROC_PER_NODE=N``), as ``predict.launch`` decides. The CLI has already checked the config
+    (``stoker.preflight``) before calling this."""
     plan = launch_plan(settings)
     if plan.launches:
         lock = lock_output_dir(settings.output_dir or "")  # before any worker starts: a clash is refused at once
