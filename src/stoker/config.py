@@ -263,13 +263,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {shown(path)}. Pass the path of a YAML file, e.g. "
                           "examples/inference/demo.yaml.")
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is 0x{exc.object[exc.start]:02x}. "
-                          "Save the file as UTF-8 (most editors offer it under 'Save with encoding').") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is 0x{raw[exc.start]:02x}. "
+                          "Save the file as UTF-8 (most editors offer it under 'Save with encoding').") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

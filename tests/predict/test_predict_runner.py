@@ -111,6 +111,14 @@ def demo_config(tmp_path: Path, model: Path, data: Path, out: Path, **extra: Any
     return write_config(tmp_path / f"{out.name}.yaml", **keys)
 
 
+def write_many_chats(data: Path, *, seed: int) -> list[dict[str, Any]]:
+    """Replace the ``chats`` dataset with 64 echo rows: enough for a run to be watched, killed or batched."""
+    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
+            for c in echo_cases(64, seed=seed, min_words=3, max_words=6)]  # fmt: skip
+    (data / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    return many
+
+
 def lines(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -231,9 +239,7 @@ def test_llamafactory_predict_yaml_runs_under_stoker_train(
 def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(
     tmp_path: Path, demo_chat: Path, data_dir: Path
 ) -> None:
-    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
-            for c in echo_cases(64, seed=3, min_words=3, max_words=6)]  # fmt: skip
-    (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    many = write_many_chats(data_dir, seed=3)
     # One row at a time: the run lasts long enough to be killed in the middle, even on a fast machine.
     keys = {"eval_dataset": "chats", "max_num_seqs": 1}
 
@@ -274,9 +280,7 @@ def test_batch_size_one_does_not_throttle_the_engine(
 ) -> None:
     """LLaMA-Factory's predict YAMLs say per_device_eval_batch_size: 1; outputs do not depend on the batch, so the
     engine still decodes up to max_num_seqs rows together, and writes what one row at a time writes."""
-    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
-            for c in echo_cases(64, seed=7, min_words=3, max_words=6)]  # fmt: skip
-    (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    write_many_chats(data_dir, seed=7)
     alone = tmp_path / "alone"
     assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, alone, eval_dataset="chats",
                                                 max_num_seqs=1))]) == 0  # fmt: skip
@@ -574,9 +578,7 @@ def _wait_for_rows(proc: subprocess.Popen[str], parts: list[Path], at_least: int
 def test_a_killed_launcher_or_worker_leaves_no_orphans_and_loses_no_rows(
     tmp_path: Path, demo_chat: Path, data_dir: Path
 ) -> None:
-    many = [{"conversations": [{"from": "human", "value": c.messages[-1]["content"]}, {"from": "gpt", "value": c.answer}]}
-            for c in echo_cases(64, seed=5, min_words=3, max_words=6)]  # fmt: skip
-    (data_dir / "chats.json").write_text(json.dumps(many), encoding="utf-8")
+    write_many_chats(data_dir, seed=5)
     keys = {"eval_dataset": "chats", "max_num_seqs": 1}
     whole = tmp_path / "whole"
     assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, whole, **keys))]) == 0
