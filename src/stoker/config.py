@@ -79,6 +79,10 @@ class Settings:
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
     seed: int | None = None
+    # Every reply decoded under a constraint (chat, web chat, predict; the API's default): a JSON schema (inline, as
+    # JSON text, or a .json file's path), or OpenAI's response_format ("json_object", or its json_schema mapping).
+    json_schema: dict[str, Any] | str | None = None
+    response_format: dict[str, Any] | str | None = None
     # --- engine ------------------------------------------------------------------------------------------------
     max_num_seqs: int = 64  # requests batched together
     max_batch_tokens: int = 65536  # prompt + new tokens of all running requests
@@ -449,6 +453,9 @@ def _check(s: Settings) -> None:
         logger.warning("length_penalty=%r has no effect: it only scales beam-search scores, and Stoker decodes one "
                        "beam. Remove it.", s.length_penalty)
     _check_inference_keys(s)
+    if s.json_schema is not None and s.response_format not in (None, "text"):
+        raise ConfigError("json_schema and response_format are both set: keep one (json_schema: SCHEMA is "
+                          "response_format: {type: json_schema, json_schema: {schema: SCHEMA}}).", param="json_schema")
     if s.adapter_name_or_path and s.finetuning_type != "lora":
         raise ConfigError(
             f"adapter_name_or_path is set but finetuning_type is {s.finetuning_type!r}; adapters need "

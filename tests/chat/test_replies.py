@@ -12,11 +12,10 @@ import json
 import pytest
 
 from stoker.chat.replies import (
-    InvalidOutputError,
     ReplyRules,
     ToolPolicy,
-    json_object_text,
     reasoning_prefix,
+    tool_constraint,
 )
 from stoker.templates import get_template
 
@@ -26,20 +25,20 @@ AUTO = ToolPolicy("auto", [WEATHER, TIME])
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-def rules(template_name: str, policy: ToolPolicy, *, prefix: str = "", json_mode: bool = False) -> ReplyRules:
+def rules(template_name: str, policy: ToolPolicy, *, prefix: str = "") -> ReplyRules:
     template = get_template(template_name, None)
 
     def parse(t: str, *, tools_given: bool):
         return template.parse_reply(prefix + t, tools_given=tools_given)
 
-    return ReplyRules(parse, template.tools, template.reasoning_markers, policy, json_mode)
+    return ReplyRules(parse, template.tools, template.reasoning_markers, policy)
 
 
 def streamed(template_name: str, text: str, policy: ToolPolicy, *, piece: int, finish: str = "stop",
-             prefix: str = "", json_mode: bool = False) -> tuple[dict, list[dict]]:
+             prefix: str = "") -> tuple[dict, list[dict]]:
     """Run ``text`` through a ReplyParser in pieces of ``piece`` characters; return the summed message and the
     deltas as they were released."""
-    parser = rules(template_name, policy, prefix=prefix, json_mode=json_mode).parser()
+    parser = rules(template_name, policy, prefix=prefix).parser()
     deltas = []
     for i in range(0, len(text), piece):
         part = parser.push(text[i : i + piece])
@@ -182,23 +181,27 @@ def test_other_families() -> None:
     assert all(not d["content"] for d in deltas[:-1])
 
 
-def test_json_mode() -> None:
-    assert json_object_text(' {"a": 1} ') == '{"a": 1}'
-    assert json_object_text('```json\n{"a": [1, 2]}\n```') == '{"a": [1, 2]}'
-    with pytest.raises(InvalidOutputError, match="not valid JSON") as err:
-        json_object_text("I am Stoker.")
-    assert err.value.http_status == 422 and err.value.code == "invalid_json_output"
-    assert "'I am Stoker.'" in err.value.message
-    with pytest.raises(InvalidOutputError, match="a list, not an object"):
-        json_object_text("[1, 2]")
-    # Streaming JSON mode holds everything, then sends the checked object.
-    total, deltas = streamed("qwen", '{"ok": true}', ToolPolicy("none"), piece=2, json_mode=True)
-    assert total["content"] == '{"ok": true}' and all(not d["content"] for d in deltas[:-1])
-    with pytest.raises(InvalidOutputError):
-        streamed("qwen", "nope", ToolPolicy("none"), piece=2, json_mode=True)
-    # A reply cut off by the length limit is returned unchecked.
-    assert streamed("qwen", '{"ok": tr', ToolPolicy("none"), piece=2, json_mode=True, finish="length")[0][
-        "content"] == '{"ok": tr'
+def test_a_forced_call_is_constrained_to_the_models_own_format_and_schema() -> None:
+    xgr = pytest.importorskip("xgrammar")
+    city = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["\n"]))
+
+    def accepts(spec: str, text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiler.compile_grammar(spec))
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    qwen = get_template("qwen", None).tools
+    required = tool_constraint(ToolPolicy("required", [city, TIME]), qwen)
+    assert required.kind == "grammar" and required.param == "tool_choice"
+    assert accepts(required.spec, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert accepts(required.spec, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert not accepts(required.spec, '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>')
+    assert not accepts(required.spec, "It is sunny.")
+    named = tool_constraint(ToolPolicy("named", [city], forced="get_weather"), get_template("llama3", None).tools)
+    assert accepts(named.spec, '{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+    assert not accepts(named.spec, '{"name": "get_time", "parameters": {}}')
+    assert tool_constraint(AUTO, qwen) is None and tool_constraint(ToolPolicy("none"), qwen) is None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def test_tools_and_json_mode_shape_the_prompt_and_the_rules(service: ChatService
     required = service.prepare(WHO, tools=tool_policy([WEATHER], "required"))
     assert REQUIRED_NOTE in service.decode(required.request.prompt_ids)
     json_chat = service.prepare([{"role": "user", "content": "Answer in JSON."}], json_mode=True)
-    assert JSON_NOTE in service.decode(json_chat.request.prompt_ids) and json_chat.rules.json_mode
+    assert JSON_NOTE in service.decode(json_chat.request.prompt_ids)
+    assert json_chat.request.params.structured.kind == "json_object"  # JSON mode is a decoding constraint
     with pytest.raises(RequestError, match="tools name the same function more than once"):
         service.prepare(WHO, tools=[WEATHER, WEATHER])
     with pytest.raises(TemplateError, match="needs a function with a non-empty 'name'"):

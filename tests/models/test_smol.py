@@ -89,6 +89,34 @@ def test_auto_and_smollm2_templates_render_like_the_models_own(service) -> None:
             assert template.encode(tokenizer, conversation) == ids, template
 
 
+def test_continue_final_message_and_template_variables_render_like_transformers(service) -> None:
+    from stoker.errors import TemplateError
+    from stoker.templates import get_template
+    from stoker.templates.jinja import JinjaTemplate
+
+    tokenizer = service.tokenizer
+    started = [{"role": "user", "content": "Count from one to five."}, {"role": "assistant", "content": "One, two, "}]
+    for template in (get_template(None, tokenizer), get_template("smollm2", tokenizer)):
+        for conversation in (started, [*CONVERSATIONS[2], {"role": "assistant", "content": "Why did"}]):
+            expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
+                                                     continue_final_message=True)
+            assert template.render(conversation, add_generation_prompt=False,
+                                   continue_final_message=True) == expected, template
+        plain = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=False)
+        assert template.render(CONVERSATIONS[0], add_generation_prompt=False) == plain
+        with pytest.raises(TemplateError, match="end with an assistant message"):
+            template.render(CONVERSATIONS[0], continue_final_message=True)
+    # chat_template_kwargs: any variable a Jinja template reads, as transformers passes them.
+    source = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if persona %}[{{ persona }}]{% endif %}{% if add_generation_prompt %}assistant:{% endif %}")
+    custom = JinjaTemplate(source)
+    expected = tokenizer.apply_chat_template(CONVERSATIONS[0], chat_template=source, tokenize=False,
+                                             add_generation_prompt=True, persona="pirate")
+    assert custom.render(CONVERSATIONS[0], variables={"persona": "pirate"}) == expected == "user: Hi\n[pirate]assistant:"
+    with pytest.raises(TemplateError, match="cannot set messages"):
+        custom.render(CONVERSATIONS[0], variables={"messages": []})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The huggingface backend
 def test_the_known_answer(service) -> None:
@@ -170,6 +198,42 @@ def predict_reference(service) -> list[str]:
 def test_predict_equals_generate(tmp_path: Path, service) -> None:
     rows = predict_rows(tmp_path)
     assert [r["predict"] for r in rows] == predict_reference(service)
+
+
+def test_predict_answers_every_row_in_the_configs_json_schema(tmp_path: Path) -> None:
+    """json_schema from a file: each of the six rows is one JSON object valid against it (constrained decoding),
+    and the metrics are still computed."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 60},
+                                               "confident": {"type": "boolean"}},
+              "required": ["answer", "confident"]}
+    path = tmp_path / "answer.schema.json"
+    path.write_text(json.dumps(schema))
+    rows = predict_rows(tmp_path, f"json_schema={path}", "max_new_tokens=64")
+    assert len(rows) == 6
+    for row in rows:
+        jsonschema.validate(json.loads(row["predict"]), schema)
+    assert json.loads((tmp_path / "out" / "predict_results.json").read_text())["predict_samples_per_second"] > 0
+
+
+@pytest.mark.parametrize(("keys", "says"), [
+    ({"json_schema": "missing.schema.json"}, "json_schema: file not found: missing.schema.json"),
+    ({"json_schema": {"type": "nope"}}, "json_schema: the schema is not valid JSON Schema"),
+    ({"response_format": "yaml"}, "response_format: type 'yaml' is not one of text, json_object, json_schema"),
+    ({"response_format": {"type": "json_schema"}}, "needs json_schema: {schema: ...}"),
+    ({"json_schema": {"type": "object"}, "response_format": "json_object"}, "both set: keep one"),
+])
+def test_a_bad_schema_in_the_config_stops_before_loading(tmp_path: Path, keys: dict[str, Any], says: str) -> None:
+    import yaml
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": "demo:smol", "eval_dataset": "identity",
+                                   "output_dir": str(tmp_path / "out"), **keys}))
+    out = subprocess.run([sys.executable, "-m", "stoker", "predict", str(cfg)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------------

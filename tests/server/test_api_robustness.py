@@ -300,7 +300,10 @@ def _mutate(rng: random.Random, value: Any, depth: int = 0) -> Any:
         elif roll < 0.25:
             out[rng.choice(["n", "logprobs", "top_logprobs", "stream", "stream_options", "tool_choice", "tools",
                             "response_format", "echo", "suffix", "best_of", "stop", "seed", "top_k", "logit_bias",
-                            "chat_template_kwargs", "max_completion_tokens", "parallel_tool_calls"])] = rng.choice(
+                            "chat_template_kwargs", "max_completion_tokens", "parallel_tool_calls",
+                            "structured_outputs", "guided_json", "guided_regex", "guided_choice", "prompt_logprobs",
+                            "min_tokens", "min_p", "ignore_eos", "stop_token_ids", "bad_words", "allowed_token_ids",
+                            "continue_final_message", "add_generation_prompt", "include_reasoning"])] = rng.choice(
                 ODD_VALUES)
         else:
             out[key] = _mutate(rng, value[key], depth + 1)

@@ -15,7 +15,6 @@ re-exported below.
 from __future__ import annotations
 
 from stoker.chat.replies import (
-    InvalidOutputError,
     Reply,
     ReplyDelta,
     ReplyParser,
@@ -37,6 +36,8 @@ from stoker.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
+from stoker.engines.structured import StructuredOutput
+from stoker.engines.structured import from_fields as structured_fields
 
 __all__ = [
     "BASE_WEIGHTS",
@@ -46,7 +47,6 @@ __all__ = [
     "Delta",
     "EngineInfo",
     "GenerationRequest",
-    "InvalidOutputError",
     "PreparedChat",
     "Reply",
     "ReplyDelta",
@@ -55,11 +55,13 @@ __all__ = [
     "SamplingParams",
     "ServedModel",
     "ServedModels",
+    "StructuredOutput",
     "TokenLogprob",
     "ToolPolicy",
     "check_json_mode",
     "open_chat_service",
     "prompt_list",
+    "structured_fields",
     "tool_call_dicts",
     "tool_policy",
 ]

@@ -4,11 +4,9 @@ The model's text is parsed by the chat template, whose formats own the details: 
 says where one begins), the reasoning format splits off the thinking block. On top of that a request sets rules:
 
 - tools (``ToolPolicy``): ``none`` renders no tools and parses none; ``auto`` parses whatever the model called;
-  ``required`` and a named function are asked for in the prompt and checked here. A reply whose calls name a
-  function the request did not offer (or not the one it forced) is not a tool call: it is returned as plain
-  content with finish reason ``stop``, never an error.
-- ``json_mode`` (``response_format: json_object``): the reply must hold one JSON object (a code fence around it is
-  removed).
+  ``required`` and a named function are asked for in the prompt and decoded under a grammar (``tool_constraint``):
+  one call in the template's own tool format. A reply whose calls name a function the request did not offer (or
+  not the one it forced) is not a tool call: it is returned as plain content with finish reason ``stop``.
 
 ``ReplyParser`` is the one way every surface reads a reply: fed one choice's text deltas, it yields content and
 reasoning as they can be shown, and on ``finish`` the rest plus the whole ``Reply``. The pieces add up to exactly
@@ -18,27 +16,20 @@ what the whole text resolves to, so a generation reads the same in the terminal,
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stoker.engines.stops import held_tail
-from stoker.errors import RequestError, StokerError
+from stoker.engines.structured import StructuredOutput
+from stoker.errors import RequestError
 from stoker.templates.base import Template
 from stoker.templates.tools import ToolFormat, wrapped
 from stoker.templates.types import ParsedReply, Tool, ToolCall
 
 ToolMode = Literal["none", "auto", "required", "named"]
 Parse = Callable[..., ParsedReply]  # (text, *, tools_given) -> ParsedReply, the template's parse_reply
-
-
-class InvalidOutputError(StokerError):
-    """The model's reply breaks a rule the request set (e.g. ``response_format: json_object``)."""
-
-    http_status = 422
-    error_type = "invalid_response_error"
 
 
 @dataclass(frozen=True)
@@ -102,6 +93,27 @@ def system_notes(policy: ToolPolicy, json_mode: bool) -> str:
     return " ".join(notes)
 
 
+def tool_constraint(policy: ToolPolicy, tool_format: ToolFormat) -> StructuredOutput | None:
+    """The shape a forced call is decoded in: one call, written in the model's own tool format (the one it was
+    tuned on), to the named function or, for ``required``, to one of the offered functions, with arguments valid
+    against the function's parameters schema. None when nothing is forced, or when the format does not write the
+    arguments as one JSON object (then the prompt's instruction alone asks for the call)."""
+    if policy.mode not in ("named", "required") or not policy.tools:
+        return None
+    frames = []
+    for tool in policy.tools:
+        function = tool["function"]
+        frame = tool_format.call_frame(function["name"])
+        if frame is None:
+            return None
+        schema = StructuredOutput.json_schema(function.get("parameters") or {"type": "object"},
+                                              param=f"tools[{function['name']}].function.parameters")
+        frames.append((frame[0], schema.spec, frame[1]))
+    from stoker.engines.grammar import framed_json_grammar
+
+    return StructuredOutput("grammar", framed_json_grammar(frames), "tool_choice")
+
+
 @dataclass
 class Reply:
     content: str | None
@@ -128,7 +140,6 @@ class ReplyRules:
     tool_format: ToolFormat
     reasoning_markers: tuple[str, ...] = ()
     policy: ToolPolicy = NO_TOOLS
-    json_mode: bool = False
 
     def parser(self) -> ReplyParser:
         return ReplyParser(self)
@@ -150,10 +161,7 @@ class ReplyRules:
             # Not a call this request allows: the model's text is the answer. Re-parse without tools so reasoning is
             # still split off but the call markup stays in the content.
             parsed = self.parse(text, tools_given=False)
-        content = parsed.content
-        if self.json_mode and finish_reason == "stop":
-            content = json_object_text(content)
-        return Reply(content, parsed.reasoning or None, [], finish_reason)
+        return Reply(parsed.content, parsed.reasoning or None, [], finish_reason)
 
 
 class ReplyParser:
@@ -174,7 +182,7 @@ class ReplyParser:
         self._text = ""
         self._sent_content = ""
         self._sent_reasoning = ""
-        self._holding = rules.json_mode
+        self._holding = False
 
     @property
     def text(self) -> str:
@@ -201,7 +209,7 @@ class ReplyParser:
         )
 
     def finish(self, finish_reason: str) -> tuple[ReplyDelta, Reply]:
-        """The rest of the message and the whole reply. Raises ``InvalidOutputError`` in JSON mode."""
+        """The rest of the message and the whole reply."""
         reply = self._rules.reply(self._text, finish_reason)
         rest = ReplyDelta(
             content=self._grow("_sent_content", reply.content or ""),
@@ -231,32 +239,6 @@ def _acceptable(calls: Sequence[ToolCall], policy: ToolPolicy) -> bool:
         except json.JSONDecodeError:
             return False
     return True
-
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
-
-
-def json_object_text(text: str) -> str:
-    """The reply as the text of one JSON object, or ``InvalidOutputError`` saying why it is not one."""
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError as exc:
-        problem = f"it is not valid JSON ({exc.msg} at position {exc.pos})"
-    else:
-        if isinstance(value, dict):
-            return body
-        problem = f"it is JSON but a {type(value).__name__}, not an object"
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    raise InvalidOutputError(
-        f"response_format is json_object, but the model's reply is not a JSON object: {problem}. The reply was "
-        f"{shown!r}. Ask for JSON more explicitly in the messages, or drop response_format to get the raw text.",
-        param="response_format",
-        code="invalid_json_output",
-    )
 
 
 def check_json_mode(messages: Sequence[Any]) -> None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from stoker.chat import budget
@@ -32,11 +33,22 @@ from stoker.chat.replies import (
     ToolPolicy,
     reasoning_prefix,
     system_notes,
+    tool_constraint,
     tool_policy,
 )
 from stoker.config import Settings, generation_defaults
-from stoker.engines.base import Completion, Delta, DeltaFolder, check_token_ids, Engine, EngineInfo, GenerationRequest, SamplingParams
+from stoker.engines.base import (
+    Completion,
+    Delta,
+    DeltaFolder,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    SamplingParams,
+    check_token_ids,
+)
 from stoker.engines.detokenize import decode
+from stoker.engines.structured import StructuredOutput, from_config
 from stoker.errors import RequestError
 from stoker.templates.base import Template
 from stoker.templates.types import Message, ParsedReply, Tool
@@ -81,6 +93,7 @@ class ChatService:
     processor: Any = None
     adapters: list[str] = field(default_factory=list)  # the config's adapters by id, in the order they apply
     per_request_adapters: bool = False  # requests may choose an adapter, or the base weights, by model id
+    constraint: StructuredOutput | None = None  # the config's json_schema / response_format: every reply's default
 
     # ---------------------------------------------------------------------------------------------------------------
     @property
@@ -102,6 +115,7 @@ class ChatService:
             repetition_penalty=float(g["repetition_penalty"]),
             seed=self.settings.seed,
             skip_special_tokens=self.settings.skip_special_tokens,
+            structured=self.constraint,
         )
         return replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -118,13 +132,23 @@ class ChatService:
         request_id: str | None = None,
         images: Sequence[Any] = (),
         max_prompt_tokens: int | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> PreparedChat:
         """Normalize, render and package a conversation as an engine request, fitted to the context.
 
         ``tools``: a policy (see ``chat.replies.tool_policy``), or a list of tools the model may call (``auto``).
+        ``json_mode``: OpenAI's JSON mode: the system prompt asks for JSON and, unless ``params`` constrain the
+        output already, decoding is constrained to one JSON object.
         ``images``: images beyond the messages' own image parts (a dataset row's), already loaded or trusted.
         ``max_prompt_tokens``: a longer prompt keeps its end (predict's ``cutoff_len``) instead of being refused.
+        ``add_generation_prompt``, ``continue_final_message``, ``template_kwargs``: as vLLM's request fields (see
+        ``Template.render``); the reply of a continued message is the continuation only.
         """
+        if continue_final_message and add_generation_prompt:
+            raise RequestError("continue_final_message continues the last message, and add_generation_prompt opens "
+                               "a new one: set add_generation_prompt to false.", param="continue_final_message")
         policy = tools if isinstance(tools, ToolPolicy) else tool_policy(tools or (), "auto" if tools else None)
         note = system_notes(policy, json_mode)
         if note:
@@ -133,7 +157,9 @@ class ChatService:
         if max_prompt_tokens is None:  # a prompt that may be cut (predict's cutoff_len) is not refused
             self.check_text_length(sum(len(m["content"]) for m in normalized), "the conversation's text", "messages")
         prompt = self.build_prompt(normalized, tools=policy.tools if policy.active else None,
-                                   enable_thinking=enable_thinking, images=[*part_images, *images])
+                                   enable_thinking=enable_thinking, images=[*part_images, *images],
+                                   add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, template_kwargs=template_kwargs)
         ids, truncated = prompt.ids, False
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             if prompt.media:
@@ -145,17 +171,22 @@ class ChatService:
                 )
             ids, truncated = budget.truncate(ids, max_prompt_tokens, getattr(self.tokenizer, "bos_token_id", None)), True
         params = params or self.sampling_params()
-        params = replace(
-            params,
-            stop=list(dict.fromkeys([*params.stop, *self.template.stop_words])),
-            stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *self.stop_token_ids])),
-        )
+        params = self.with_template_stops(params)
+        forced = tool_constraint(policy, self.template.tools)
+        if forced is not None:
+            # A request's own constraint cannot be combined with a forced call; the config's default gives way.
+            if params.structured is not None and params.structured != self.constraint:
+                raise RequestError(f"tool_choice forces a call, and {params.structured.param} constrains the output "
+                                   "too: send only one of them.", param="tool_choice")
+            params = replace(params, structured=forced)
+        elif json_mode and params.structured is None:
+            params = replace(params, structured=StructuredOutput("json_object", "", "response_format"))
         params = self.fit_params(len(ids), params)
+        self.check_params(params)
         request = GenerationRequest(prompt_ids=ids, params=params, adapter=adapter, media=prompt.media)
         if request_id:
             request.request_id = request_id
-        rules = ReplyRules(self._reply_parse(ids), self.template.tools, self.template.reasoning_markers, policy,
-                           json_mode)
+        rules = ReplyRules(self._reply_parse(ids), self.template.tools, self.template.reasoning_markers, policy)
         return PreparedChat(request, rules, truncated)
 
     def request(self, messages: list[Message], params: SamplingParams | None = None, **options: Any
@@ -171,6 +202,8 @@ class ChatService:
         enable_thinking: bool | None = None,
         images: Sequence[Any] = (),
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> Prompt:
         """Render an already normalized conversation (see ``normalize``) into prompt ids and media."""
         messages = with_default_system(messages, self.settings.default_system)
@@ -185,9 +218,19 @@ class ChatService:
         thinking = self.settings.enable_thinking if enable_thinking is None else enable_thinking
         ids = self.template.encode(
             self.tokenizer, messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-            enable_thinking=thinking,
+            enable_thinking=thinking, continue_final_message=continue_final_message, variables=template_kwargs,
         )
         return Prompt(ids=ids, media=media)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The engine's own checks, e.g. compiling a structured output (slow: call it off the event loop)."""
+        self.engine.check_params(params)
+
+    def with_template_stops(self, params: SamplingParams) -> SamplingParams:
+        """The template's stop words and ids added to the request's; ``ignore_eos`` keeps only the request's ids."""
+        stop_ids = params.stop_token_ids if params.ignore_eos else [*params.stop_token_ids, *self.stop_token_ids]
+        return replace(params, stop=list(dict.fromkeys([*params.stop, *self.template.stop_words])),
+                       stop_token_ids=list(dict.fromkeys(stop_ids)))
 
     @cached_property
     def stop_token_ids(self) -> list[int]:
@@ -335,6 +378,8 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
     from stoker.engines.factory import open_engine
     from stoker.templates import check_template_mismatch, get_template
 
+    source = Path(settings.source).parent if settings.source else None
+    constraint = from_config(settings.json_schema, settings.response_format, config_dir=source)  # before loading
     opened = open_engine(settings, per_request_adapters=per_request_adapters)
     info = opened.engine.info
     try:
@@ -357,4 +402,5 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
         processor=opened.processor,
         adapters=opened.adapters,
         per_request_adapters=per_request_adapters,
+        constraint=constraint,
     )

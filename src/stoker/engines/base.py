@@ -23,9 +23,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stoker.engines.structured import StructuredOutput
 from stoker.errors import NotFoundError, OverloadedError, RequestError
 
 FinishReason = Literal["stop", "length"]
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 MIN_TEMPERATURE = 1e-5
 
 _request_counter = itertools.count()
@@ -55,7 +57,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # text is cut before the first stop string, never emitted
     stop_token_ids: list[int] = field(default_factory=list)  # generation ends on these (eos, template stops)
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top-k alternatives
+    prompt_logprobs: int | None = None  # likewise for every prompt token after the first (vLLM's prompt_logprobs)
     skip_special_tokens: bool = True
+    # vLLM's extensions, with its meanings:
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (sampling only)
+    min_tokens: int = 0  # no stop token and no stop string ends the choice before this many tokens
+    ignore_eos: bool = False  # only ``stop_token_ids`` given with the request end it (not eos / end-of-turn)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits (OpenAI: -100 bans, 100 forces)
+    allowed_token_ids: list[int] | None = None  # only these may be generated
+    bad_words: list[str] = field(default_factory=list)  # never generated (as words, with or without a leading space)
+    structured: StructuredOutput | None = None  # the output's shape, enforced while decoding
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +108,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # set on the final delta of a choice
+    # On each choice's first delta when ``prompt_logprobs`` was asked for: one entry per prompt token, None for the
+    # first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -115,6 +129,7 @@ class Completion:
     request_id: str
     choices: list[Choice]
     prompt_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -131,6 +146,7 @@ class DeltaFolder:
         self.logprobs: list[list[TokenLogprob] | None] = [None] * n
         self.reasons: list[FinishReason] = ["length"] * n
         self.prompt_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, d: Delta) -> None:
         self.texts[d.index].append(d.text)
@@ -140,11 +156,13 @@ class DeltaFolder:
         if d.finish_reason is not None:
             self.reasons[d.index] = d.finish_reason
         self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
 
     def completion(self) -> Completion:
         choices = [Choice(i, "".join(t), self.ids[i], self.reasons[i], self.logprobs[i])
                    for i, t in enumerate(self.texts)]
-        return Completion(self.request_id, choices, self.prompt_tokens)
+        return Completion(self.request_id, choices, self.prompt_tokens, self.prompt_logprobs)
 
 
 def collect(deltas: Sequence[Delta] | Iterator[Delta], request_id: str, n: int) -> Completion:
@@ -181,6 +199,17 @@ def validate_params(p: SamplingParams, where: str) -> None:
         raise bad("stop", "must be a list of strings", p.stop)
     if any(not isinstance(t, int) for t in p.stop_token_ids):
         raise bad("stop_token_ids", "must be a list of integers", p.stop_token_ids)
+    k = p.prompt_logprobs
+    if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        raise bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], or None for none", k)
+    if not 0 <= p.min_p <= 1:
+        raise bad("min_p", "must be in [0, 1] (0 disables it)", p.min_p)
+    if not isinstance(p.min_tokens, int) or not 0 <= p.min_tokens <= p.max_new_tokens:
+        raise bad("min_tokens", f"must be an integer in [0, max_tokens={p.max_new_tokens}]", p.min_tokens)
+    if any(not math.isfinite(b) for b in p.logit_bias.values()):
+        raise bad("logit_bias", "must map token ids to finite numbers", p.logit_bias)
+    if p.allowed_token_ids is not None and not p.allowed_token_ids:
+        raise bad("allowed_token_ids", "must hold at least one token id", p.allowed_token_ids)
 
 
 def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max_model_len: int,
@@ -197,9 +226,24 @@ def check_prompt(request: GenerationRequest, where: str, *, vocab_size: int, max
             f"(max_model_len) including at least one generated token: shorten the prompt.",
             param="prompt", code="context_length_exceeded")
     validate_params(request.params, where)
+    p = request.params
+    for param, ids in (("logit_bias", list(p.logit_bias)), ("allowed_token_ids", p.allowed_token_ids or []),
+                       ("stop_token_ids", p.stop_token_ids)):
+        check_token_ids(ids, vocab_size, f"{where}'s {param}", param=param)
     if request.media and not vision:
         raise RequestError(f"{where} carries images, but this engine's model takes text only.", param="messages")
     return prompt, min(request.params.max_new_tokens, max_model_len - len(prompt))
+
+
+def bad_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """The token sequences ``bad_words`` stand for: each word alone and after a space (vLLM's reading)."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word, " " + word.lstrip()):
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def check_token_ids(ids: Sequence[object], vocab_size: int | None, where: str, *, param: str = "prompt") -> None:
@@ -264,6 +308,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Cancel a running or queued request and free its resources at once."""
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Backend checks that may be slow (compiling a structured output's grammar): the chat service calls this
+        where it prepares a request, off the event loop; raises ``RequestError``."""
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics (e.g. running, waiting, tokens_in_flight)."""

@@ -25,7 +25,9 @@ from stoker.engines.base import (
     Delta,
     EngineInfo,
     GenerationRequest,
+    SamplingParams,
     TokenLogprob,
+    bad_word_ids,
     check_prompt,
     check_queue,
     unknown_adapter,
@@ -57,6 +59,8 @@ class _Request(PreparedRequest):
     max_new: int  # max_new_tokens clipped to the context
     stop_ids: frozenset[int]
     choices: list[_Choice] = field(default_factory=list)
+    bad_words: list[list[int]] = field(default_factory=list)  # token sequences of params.bad_words
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill when params.prompt_logprobs is set
     open_choices: int = 0
     media: dict[str, Any] | None = None  # vision inputs (stoker.media.prepare_images), dropped after prefill
 
@@ -147,6 +151,9 @@ class HFEngine(ThreadedEngine):
         base = model.get_base_model() if self._adapters else model
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._token_texts = TokenTexts(tokenizer)
+        from stoker.engines.grammar import Grammars
+
+        self._grammars = Grammars(tokenizer, self._logits_width)
         self._torch = torch
         self._packed = None
         if self.device.type == "cpu":
@@ -227,9 +234,14 @@ class HFEngine(ThreadedEngine):
             adapter = request.adapter
         elif request.adapter == BASE_WEIGHTS:
             adapter = BASE_ADAPTER
-        stop_ids = frozenset(self._eos_ids) | frozenset(p.stop_token_ids)
+        stop_ids = frozenset(() if p.ignore_eos else self._eos_ids) | frozenset(p.stop_token_ids)
+        self.check_params(p)  # compiles a structured output's grammar (cached) or refuses it
         return _Request(next(self._uids), request.request_id, prompt, p, adapter, max_new, stop_ids,
-                        media=request.media or None)
+                        media=request.media or None, bad_words=bad_word_ids(self.tokenizer, p.bad_words))
+
+    def check_params(self, params: SamplingParams) -> None:
+        if params.structured is not None:
+            self._grammars.compile(params.structured)
 
     def _submit(self, requests: list[_Request], *, bounded: bool) -> None:
         with self._cond:
@@ -329,20 +341,27 @@ class HFEngine(ThreadedEngine):
         choices = []
         for i in range(p.n):
             seed = None if p.seed is None else p.seed + i
-            sampler = RowSampler(p, req.prompt_ids, self._logits_width, self.device, seed)
+            grammar = None
+            if p.structured is not None:
+                grammar = self._grammars.matcher(p.structured, sorted(req.stop_ids))
+            sampler = RowSampler(p, req.prompt_ids, self._logits_width, self.device, seed, stop_ids=req.stop_ids,
+                                 bad_words=req.bad_words, grammar=grammar)
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens)
             out = ChoiceOutput(i, len(req.prompt_ids), req.max_new, req.stop_ids, detok, StopStringMatcher(p.stop),
-                               with_logprobs=p.logprobs is not None)
+                               with_logprobs=p.logprobs is not None, min_tokens=p.min_tokens,
+                               prompt_logprobs=req.prompt_logprobs)
             choices.append(_Choice(req, sampler, out))
         req.choices = choices
         return choices
 
-    def _forward(self, adapters: list[str], **inputs: Any) -> Any:
+    def _forward(self, adapters: list[str], *, every_position: bool = False, **inputs: Any) -> Any:
+        """The last position's logits ``[rows, vocab]``; ``every_position``: all of them ``[rows, width, vocab]``."""
         if self._adapters:
             inputs["adapter_names"] = adapters
-        if self._logits_to_keep:
+        if self._logits_to_keep and not every_position:
             inputs["logits_to_keep"] = 1
-        return self.model(**inputs).logits[:, -1, :]
+        logits = self.model(**inputs).logits
+        return logits if every_position else logits[:, -1, :]
 
     def _prefill(self, requests: list[_Request]) -> None:
         from stoker.engines.kv_batch import PaddedKVBatch, select_rows
@@ -350,7 +369,11 @@ class HFEngine(ThreadedEngine):
         torch = self._torch
 
         batchable = self._caches.batchable
-        for group in _prefill_groups(requests, self.max_prefill_tokens):
+        # A request that wants its prompt's logprobs keeps the logits of every position (prompt x vocabulary
+        # floats): it is prefilled alone, so the others keep only their last position's.
+        scored = [r for r in requests if r.params.prompt_logprobs is not None]
+        plain = [r for r in requests if r.params.prompt_logprobs is None]
+        for group in [*_prefill_groups(plain, self.max_prefill_tokens), *([r] for r in scored)]:
             # A cache that cannot copy rows gets each choice's prompt as a row of its own.
             rows = group if batchable else [r for r in group for _ in range(r.params.n)]
             width = max(len(r.prompt_ids) for r in rows)
@@ -369,8 +392,13 @@ class HFEngine(ThreadedEngine):
                     self.model, [r.media for r in rows], input_ids, mask, positions)
                 for r in group:
                     r.media = None  # the pixels are in the KV cache now
+            every = group[0].params.prompt_logprobs is not None
             logits = self._forward([r.adapter for r in rows], input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, past_key_values=cache, use_cache=True, **extra)
+                                   position_ids=positions, past_key_values=cache, use_cache=True,
+                                   every_position=every, **extra)
+            if every:  # one request, unpadded (see above)
+                group[0].prompt_logprobs = self._prompt_logprobs(group[0], logits[0])
+                logits = logits[:, -1, :]
             lengths = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
             if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
                 lengths = lengths + offsets
@@ -451,12 +479,20 @@ class HFEngine(ThreadedEngine):
     def _advance(self, choice: _Choice, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
                  ) -> Delta | None:
         """Take one generated token; return a delta when there is news."""
-        token_logprob = None
-        if logprob is not None:
-            text_of = self._token_texts
-            top = [(tid, text_of(tid), lp) for tid, lp in logprob[1]]
-            token_logprob = TokenLogprob(token, text_of(token), logprob[0], top)
-        return choice.out.push(token, token_logprob)
+        return choice.out.push(token, self._token_logprob(token, logprob))
+
+    def _token_logprob(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
+                       ) -> TokenLogprob | None:
+        if logprob is None:
+            return None
+        text_of = self._token_texts
+        return TokenLogprob(token, text_of(token), logprob[0], [(tid, text_of(tid), lp) for tid, lp in logprob[1]])
+
+    def _prompt_logprobs(self, req: _Request, logits: Any) -> list[TokenLogprob | None]:
+        from stoker.engines.sampling import prompt_logprobs
+
+        found = prompt_logprobs(logits[-len(req.prompt_ids):], req.prompt_ids, req.params.prompt_logprobs or 0)
+        return [self._token_logprob(t, lp) for t, lp in zip(req.prompt_ids, found)]
 
     def _send(self, req: _Request, item: list[Delta] | BaseException) -> None:
         if req.sink is None:

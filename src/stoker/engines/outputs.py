@@ -26,10 +26,12 @@ class ChoiceOutput:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     with_logprobs: bool = False
+    min_tokens: int = 0  # stop strings do not count before this many tokens (stop ids are masked until then)
     output_ids: list[int] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (their text is held back)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first delta
 
     def push(self, token: int, logprob: TokenLogprob | None = None) -> Delta | None:
         """Take one generated token; return a delta when there is news (text, or the end)."""
@@ -39,7 +41,9 @@ class ChoiceOutput:
             self.pending_logprobs.append(logprob)
         if token in self.stop_ids:
             return self.close("stop")
-        text, stopped = self.stops.push(self.detok.push([token]))
+        text, stopped = self.detok.push([token]), False
+        if len(self.output_ids) > self.min_tokens:
+            text, stopped = self.stops.push(text)
         if stopped:
             self.finish = "stop"
         elif len(self.output_ids) >= self.max_new:
@@ -69,6 +73,7 @@ class ChoiceOutput:
             finish_reason=self.finish,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.output_ids) if self.finish else 0,
+            prompt_logprobs=self.prompt_logprobs,
         )
-        self.pending_ids, self.pending_logprobs = [], []
+        self.pending_ids, self.pending_logprobs, self.prompt_logprobs = [], [], None
         return delta

@@ -35,6 +35,7 @@ from stoker.engines.base import (
     Delta,
     EngineInfo,
     GenerationRequest,
+    SamplingParams,
     TokenLogprob,
     check_prompt,
     check_queue,
@@ -135,6 +136,15 @@ class VLLMEngine(ThreadedEngine):
         self._default_lora = self._loras[default_adapter] if default_adapter else None
         self._eos_ids = sorted(set(eos_ids))
         self._token_texts = TokenTexts(tokenizer)
+        engine_kwargs = dict(engine_kwargs)
+        outputs_config = engine_kwargs.get("structured_outputs_config")
+        if outputs_config is None or isinstance(outputs_config, dict):
+            from vllm.config import StructuredOutputsConfig
+
+            # xgrammar and compact JSON, as the huggingface engine compiles them (engines.grammar): the same outputs,
+            # and no whitespace for a small model to loop in.
+            engine_kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                **{"backend": "xgrammar", "disable_any_whitespace": True, **(outputs_config or {})})
         try:
             args = EngineArgs(**engine_kwargs)
         except TypeError as exc:  # an unknown key in vllm_config
@@ -155,6 +165,11 @@ class VLLMEngine(ThreadedEngine):
         model_config = self._llm.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.vocab_size = int(model_config.get_vocab_size())
+        from stoker.engines.grammar import Grammars
+
+        # vLLM compiles structured outputs itself, with xgrammar. Compiling here first (cached per constraint, about
+        # a millisecond for a small schema) refuses a bad one with the huggingface engine's 400, before vLLM sees it.
+        self._grammars = Grammars(tokenizer, self.vocab_size)
         self.max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self.max_queue = max(1, int(max_queue))
         self.info = EngineInfo(
@@ -242,11 +257,16 @@ class VLLMEngine(ThreadedEngine):
 
     # ------------------------------------------------------------------ request intake
 
+    def check_params(self, params: SamplingParams) -> None:
+        if params.structured is not None:
+            self._grammars.compile(params.structured)
+
     def _prepare(self, request: GenerationRequest, position: int | None = None) -> _Request:
         where = f"request {position} ({request.request_id})" if position is not None else "the request"
         p = request.params
         prompt, max_new = check_prompt(request, where, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                                        vision=self._vision)
+        self.check_params(p)
         lora = self._default_lora
         if request.adapter == BASE_WEIGHTS:
             lora = None
@@ -254,14 +274,14 @@ class VLLMEngine(ThreadedEngine):
             lora = self._loras.get(request.adapter)
             if lora is None:
                 raise unknown_adapter(request.adapter, list(self._loras))
-        stop_ids = sorted({*self._eos_ids, *p.stop_token_ids})
+        stop_ids = sorted({*(() if p.ignore_eos else self._eos_ids), *p.stop_token_ids})
         uid = next(self._uids)
         req = _Request(uid, request.request_id, prompt, p, lora, max_new, stop_ids, request.media)
         req.choices = [
             _Choice(f"stoker-{uid}-{i}", ChoiceOutput(
                 i, len(prompt), max_new, stop_ids,
                 IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=p.skip_special_tokens),
-                StopStringMatcher(p.stop), with_logprobs=p.logprobs is not None))
+                StopStringMatcher(p.stop), with_logprobs=p.logprobs is not None, min_tokens=p.min_tokens))
             for i in range(p.n)
         ]
         req.open_choices = p.n
@@ -326,6 +346,7 @@ class VLLMEngine(ThreadedEngine):
             prompt["multi_modal_data"] = {"image": list(req.media["images"])}
         try:
             rendered = self._llm.renderer.render_cmpl([prompt])[0]
+            rules = vllm_rules(p)
             for choice in req.choices:
                 params = VSamplingParams(
                     n=1,
@@ -340,8 +361,10 @@ class VLLMEngine(ThreadedEngine):
                     stop_token_ids=req.stop_ids,
                     ignore_eos=True,  # eos is in stop_token_ids: vLLM stops on exactly those ids
                     logprobs=p.logprobs,
+                    prompt_logprobs=p.prompt_logprobs,  # every choice's first delta carries them
                     detokenize=False,
                     output_kind=RequestOutputKind.DELTA,
+                    **rules,
                 )
                 self._llm.add_request(choice.vllm_id, rendered, params, lora_request=req.lora)
                 choice.live = True
@@ -380,6 +403,11 @@ class VLLMEngine(ThreadedEngine):
                 continue
             completion = out.outputs[0]
             deltas = by_request.setdefault(req.uid, (req, []))[1]
+            if getattr(out, "prompt_logprobs", None) and req.params.prompt_logprobs is not None:
+                k_prompt = req.params.prompt_logprobs
+                choice.out.prompt_logprobs = [
+                    None if e is None else self._token_logprob(t, e, k_prompt)
+                    for t, e in zip(req.prompt_ids, out.prompt_logprobs)]
             logprobs = completion.logprobs
             k = req.params.logprobs
             for j, token in enumerate(map(int, completion.token_ids)):
@@ -436,3 +464,27 @@ class VLLMEngine(ThreadedEngine):
         for req in failed.values():
             if not req.aborted:
                 self._send(req, error)
+
+
+def vllm_rules(p: SamplingParams) -> dict[str, Any]:
+    """The request's vLLM extensions (same names and meanings in vLLM's ``SamplingParams``); only those set."""
+    out: dict[str, Any] = {}
+    if p.min_p:
+        out["min_p"] = p.min_p
+    if p.min_tokens:
+        out["min_tokens"] = p.min_tokens
+    if p.logit_bias:
+        out["logit_bias"] = dict(p.logit_bias)
+    if p.allowed_token_ids is not None:
+        out["allowed_token_ids"] = list(p.allowed_token_ids)
+    if p.bad_words:
+        out["bad_words"] = list(p.bad_words)
+    if p.structured is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        spec = p.structured
+        fields: dict[str, Any] = {"json": spec.schema} if spec.kind == "json" else (
+            {"json_object": True} if spec.kind == "json_object" else
+            {"choice": spec.choices} if spec.kind == "choice" else {spec.kind: spec.spec})
+        out["structured_outputs"] = StructuredOutputsParams(**fields)
+    return out

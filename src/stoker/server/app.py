@@ -50,7 +50,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (bad JSON, field, role, or too many tokens)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when API_KEY is set)"},
     404: {"model": ErrorResponse, "description": "Unknown model id"},
-    422: {"model": ErrorResponse, "description": "The model's reply breaks response_format"},
     429: {"model": ErrorResponse, "description": "The engine's queue is full; retry later"},
     500: {"model": ErrorResponse, "description": "Unexpected server error (logged with the request id)"},
 }

@@ -110,12 +110,32 @@ class NamedToolChoice(_Request):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+class JSONSchemaFormat(_Request):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
 
 
-class ChatTemplateKwargs(_Request):
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class ChatTemplateKwargs(BaseModel):
+    """Variables for the chat template (vLLM's ``chat_template_kwargs``): a Jinja template reads any of them."""
+
+    model_config = ConfigDict(extra="allow")
     enable_thinking: StrictBool | None = Field(
         default=None, description="Switch a reasoning model's thinking on or off (default: the config's)."
     )
@@ -147,7 +167,8 @@ class SamplingFields(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id (as a string) to a bias in [-100, 100], added to its logit.")
     user: str | None = None
     # Extensions (vLLM's names): not in OpenAI's API, ignored by OpenAI-only clients.
     top_k: int | None = Field(
@@ -156,6 +177,26 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = Field(
         default=None, ge=0.01, le=10, description="Extension: transformers' multiplicative penalty on seen tokens."
     )
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Extension: drop tokens below min_p x the top "
+                                "token's probability.")
+    min_tokens: int = Field(default=0, ge=0, description="Extension: no stop ends a choice before this many tokens.")
+    ignore_eos: bool = Field(default=False, description="Extension: only stop_token_ids (and stop) end a choice.")
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=64)] | None = Field(
+        default=None, description="Extension: token ids that end a choice.")
+    bad_words: Annotated[list[str], Field(max_length=64)] | None = Field(
+        default=None, description="Extension: words never generated.")
+    allowed_token_ids: Annotated[list[StrictInt], Field(min_length=1)] | None = Field(
+        default=None, description="Extension: only these token ids are generated.")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="Extension: the logprob of every prompt token and its top k "
+        "alternatives, as vLLM returns them.")
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="Extension: constrain the output to a JSON schema, regex, choice or EBNF grammar.")
+    # vLLM's older names for structured_outputs' fields.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -168,8 +209,16 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = Field(
-        default=None, description="Extension: {'enable_thinking': bool} switches a reasoning model's thinking."
+        default=None, description="Extension: variables for the chat template; {'enable_thinking': bool} switches "
+        "a reasoning model's thinking."
     )
+    add_generation_prompt: bool = Field(
+        default=True, description="Extension: end the prompt with the assistant turn's opening.")
+    continue_final_message: bool = Field(
+        default=False, description="Extension: the last (assistant) message is continued, not answered; needs "
+        "add_generation_prompt false.")
+    include_reasoning: bool = Field(
+        default=True, description="Extension: false leaves reasoning_content out of the answer.")
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
@@ -267,6 +316,16 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None  # 1 for the most likely token; null for a prompt token outside the top k
+    decoded_token: str
+
+
+# vLLM's shape: per prompt token, {token id: its entry} for the token itself and its top k; null for the first.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -274,6 +333,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -288,6 +348,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -311,6 +372,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[ToolDef] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -424,3 +487,21 @@ def completion_chunk(
     if with_usage:
         chunk["usage"] = usage_counts
     return chunk
+
+
+def prompt_logprobs_json(items: list[Any] | None, k: int) -> list[dict[str, dict[str, Any]] | None] | None:
+    """Engine ``TokenLogprob`` entries (None for the first token) in vLLM's ``prompt_logprobs`` shape."""
+    if items is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for item in items:
+        if item is None:
+            out.append(None)
+            continue
+        entry = {str(tid): {"logprob": max(lp, LOGPROB_FLOOR), "rank": rank, "decoded_token": text}
+                 for rank, (tid, text, lp) in enumerate(item.top[:k], start=1)}
+        if str(item.token_id) not in entry:
+            entry[str(item.token_id)] = {"logprob": max(item.logprob, LOGPROB_FLOOR), "rank": None,
+                                         "decoded_token": item.token}
+        out.append(entry)
+    return out

@@ -20,6 +20,7 @@ from stoker.chat import (
     Delta,
     PreparedChat,
     ReplyDelta,
+    StructuredOutput,
     TokenLogprob,
     ToolPolicy,
     check_json_mode,
@@ -33,6 +34,7 @@ from stoker.server.protocol import (
     NamedToolChoice,
     chat_chunk,
     chat_chunk_choice,
+    prompt_logprobs_json,
     sse,
     usage,
 )
@@ -46,6 +48,7 @@ class ChatPlan:
     model: str  # the id of the model that answers
     top_logprobs: int | None  # None: no logprobs
     include_usage: bool
+    include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out of the answer
 
     @property
     def n(self) -> int:
@@ -78,20 +81,23 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest, request_id: str) 
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = state.sampling_params(body, max_tokens=requested, logprobs=top)
-    thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+    params = state.sampling_params(body, max_tokens=requested, logprobs=top, structured=response_format_of(body))
+    kwargs = body.chat_template_kwargs
     chat = state.service.prepare(
         messages,
         params,
         tools=policy,
         json_mode=json_mode,
         adapter=served.adapter,
-        enable_thinking=thinking,
+        enable_thinking=kwargs.enable_thinking if kwargs else None,
         request_id=request_id,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=kwargs.model_dump(exclude_none=True) if kwargs else None,
     )
     state.service.check_budget(len(chat.request.prompt_ids), chat.request.params, requested, param)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(chat, answered_as, top, include_usage)
+    return ChatPlan(chat, answered_as, top, include_usage, body.include_reasoning)
 
 
 def policy_of(body: ChatCompletionRequest) -> ToolPolicy:
@@ -103,16 +109,22 @@ def policy_of(body: ChatCompletionRequest) -> ToolPolicy:
 
 
 def json_mode_of(body: ChatCompletionRequest) -> bool:
+    """``json_object``: OpenAI's JSON mode (the messages must ask for JSON; the system prompt says so too)."""
+    return body.response_format is not None and body.response_format.type == "json_object"
+
+
+def response_format_of(body: ChatCompletionRequest) -> StructuredOutput | None:
+    """``response_format`` as an output constraint, enforced while decoding."""
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
-        return False
-    if fmt.type == "json_schema":
-        raise RequestError(
-            "response_format json_schema is not supported: use {'type': 'json_object'} and describe the fields in "
-            "the messages.",
-            param="response_format",
-        )
-    return True
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object", "", "response_format")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise RequestError("response_format json_schema needs json_schema.schema: send "
+                           "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.",
+                           param="response_format")
+    return StructuredOutput.json_schema(fmt.json_schema.schema_, param="response_format.json_schema.schema")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,7 +140,7 @@ async def chat_result(
     for choice in completion.choices:
         reply = plan.chat.reply(choice.text, choice.finish_reason)
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
-        if reply.reasoning:
+        if reply.reasoning and plan.include_reasoning:
             message["reasoning_content"] = reply.reasoning
         if reply.tool_calls:
             message["tool_calls"] = tool_call_dicts(reply.tool_calls)
@@ -144,6 +156,8 @@ async def chat_result(
         "model": model,
         "choices": choices,
         "usage": usage(prompt_tokens, completion.completion_tokens),
+        "prompt_logprobs": prompt_logprobs_json(completion.prompt_logprobs, plan.chat.request.params.prompt_logprobs
+                                                or 0),
     }
 
 
@@ -189,7 +203,7 @@ async def _chat_deltas(
 
     def delta_body(part: ReplyDelta, index: int) -> dict[str, Any]:
         body: dict[str, Any] = {}
-        if part.reasoning:
+        if part.reasoning and plan.include_reasoning:
             body["reasoning_content"] = part.reasoning
         if part.content:
             body["content"] = part.content
@@ -210,13 +224,15 @@ async def _chat_deltas(
             lp = None
             if plan.top_logprobs is not None and delta.logprobs:
                 lp = chat_logprobs(delta.logprobs, plan.top_logprobs)
-            if part or lp:
-                yield chunk([chat_chunk_choice(i, delta_body(part, i), logprobs=lp)])
+            body = delta_body(part, i)
+            if body or lp:
+                yield chunk([chat_chunk_choice(i, body, logprobs=lp)])
             if delta.finish_reason is None:
                 continue
             rest, reply = parsers[i].finish(delta.finish_reason)
-            if rest:
-                yield chunk([chat_chunk_choice(i, delta_body(rest, i))])
+            body = delta_body(rest, i)
+            if body:
+                yield chunk([chat_chunk_choice(i, body)])
             yield chunk([chat_chunk_choice(i, {}, finish_reason=reply.finish_reason)])
             tally.prompt_tokens = delta.prompt_tokens or tally.prompt_tokens
             tally.finished(reply.finish_reason, delta.completion_tokens)

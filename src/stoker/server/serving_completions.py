@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from stoker.server.protocol import (
     LOGPROB_FLOOR,
     CompletionRequest,
     completion_chunk,
+    prompt_logprobs_json,
     sse,
     usage,
 )
@@ -38,6 +40,12 @@ class CompletionPlan:
     n: int
     logprobs: int | None
     include_usage: bool
+    prompt_logprobs: int | None = None  # the request's prompt_logprobs (vLLM's field)
+    first_tokens: list[str] | None = None  # per prompt, its first token's text: echo with logprobs lists it unscored
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.first_tokens is not None
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, http: Request) -> Response:
@@ -57,25 +65,28 @@ def plan_completion(state: ServerState, body: CompletionRequest, request_id: str
         raise RequestError("suffix (fill-in-the-middle) is not supported: remove it.", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of is not supported (other than best_of = n): remove it.", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise RequestError("echo with logprobs would need prompt logprobs, which this server does not compute: "
-                           "drop one of them.", param="logprobs")
     service = state.service
     state.check_sequences(body.n, len(prompt_list(body.prompt)))  # before tokenizing what can never run
     prompts = service.tokenize_prompts(body.prompt)
     explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
     params = state.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    echo_logprobs = body.echo and body.logprobs is not None
+    if echo_logprobs:  # the echoed prompt's logprobs too, as OpenAI's legacy API gives them
+        params = replace(params, prompt_logprobs=max(body.logprobs or 0, body.prompt_logprobs or 0))
     requests = []
     echo_texts = []
     for i, ids in enumerate(prompts):
         fitted = service.fit_params(len(ids), params, param="prompt")  # a default max_tokens is clipped to the context
+        service.check_params(fitted)
         service.check_budget(len(ids), fitted, body.max_tokens if explicit else None, "max_tokens")
         suffix = f"-{i}" if len(prompts) > 1 else ""
         requests.append(GenerationRequest(prompt_ids=ids, params=replace(fitted), request_id=request_id + suffix,
                                           adapter=served.adapter))
         echo_texts.append(service.decode(ids) if body.echo else "")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return CompletionPlan(requests, answered_as, echo_texts, body.n, body.logprobs, include_usage)
+    first_tokens = [service.decode(ids[:1]) for ids in prompts] if echo_logprobs else None
+    return CompletionPlan(requests, answered_as, echo_texts, body.n, body.logprobs, include_usage,
+                          body.prompt_logprobs, first_tokens)
 
 
 async def completion_result(
@@ -87,10 +98,13 @@ async def completion_result(
     lps: list[list[TokenLogprob]] = [[] for _ in range(total)]
     finish = ["length"] * total
     completion_tokens = [0] * total
+    prompt_lps: list[list[TokenLogprob | None] | None] = [None] * total
     async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
         async for p, delta in merged:
             k = p * n + delta.index
             texts[k].append(delta.text)
+            if delta.prompt_logprobs is not None:
+                prompt_lps[k] = delta.prompt_logprobs
             if delta.logprobs:
                 lps[k].extend(delta.logprobs)
             if delta.finish_reason is not None:
@@ -101,14 +115,19 @@ async def completion_result(
     for k in range(total):
         echo = plan.echo_texts[k // n]
         text = "".join(texts[k])
-        choices.append(
-            {
-                "index": k,
-                "text": echo + text,
-                "logprobs": completion_logprobs(lps[k], len(echo)) if plan.logprobs is not None else None,
-                "finish_reason": finish[k],
-            }
-        )
+        scored = lps[k]
+        if plan.echo_logprobs:
+            scored = [*echoed_logprobs(plan, k // n, prompt_lps[k]), *scored]
+        choice = {
+            "index": k,
+            "text": echo + text,
+            "logprobs": completion_logprobs(scored, 0 if plan.echo_logprobs else len(echo), plan.logprobs or 0)
+            if plan.logprobs is not None else None,
+            "finish_reason": finish[k],
+        }
+        if plan.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_json(prompt_lps[k], plan.prompt_logprobs)
+        choices.append(choice)
     state.metrics.generation_done(prompt_tokens, sum(completion_tokens), finish)
     return {
         "id": request_id,
@@ -120,18 +139,28 @@ async def completion_result(
     }
 
 
-def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """The legacy completions shape: parallel lists, and the top alternatives as {token text: logprob}."""
+def completion_logprobs(items: list[TokenLogprob], offset: int, k: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, and the top ``k`` alternatives as {token text: logprob}. An
+    echoed prompt's first token has no logprob (NaN here): null in both lists, as OpenAI sends it."""
     offsets = []
     for item in items:
         offsets.append(offset)
         offset += len(item.token)
     return {
         "tokens": [t.token for t in items],
-        "token_logprobs": [max(t.logprob, LOGPROB_FLOOR) for t in items],
-        "top_logprobs": [{text: max(lp, LOGPROB_FLOOR) for _, text, lp in t.top} for t in items],
+        "token_logprobs": [None if math.isnan(t.logprob) else max(t.logprob, LOGPROB_FLOOR) for t in items],
+        "top_logprobs": [None if math.isnan(t.logprob) else {text: max(lp, LOGPROB_FLOOR) for _, text, lp in t.top[:k]}
+                         for t in items],
         "text_offset": offsets,
     }
+
+
+def echoed_logprobs(plan: CompletionPlan, prompt: int, items: list[TokenLogprob | None] | None
+                    ) -> list[TokenLogprob]:
+    """The echoed prompt's tokens with their logprobs; the first token, which nothing predicts, as NaN."""
+    ids = plan.requests[prompt].prompt_ids
+    first = TokenLogprob(ids[0], (plan.first_tokens or [""])[prompt], math.nan, []) if ids else None
+    return [first if item is None else item for item in (items or [])] if first is not None else []
 
 
 def completion_events(
@@ -157,15 +186,19 @@ async def _completion_deltas(
 ) -> AsyncIterator[str]:
     n = plan.n
     offsets = [len(plan.echo_texts[k // n]) for k in range(len(streams) * n)]
-    for k in range(len(streams) * n):
-        if plan.echo_texts[k // n]:
-            yield chunk(k, plan.echo_texts[k // n], None, None)
+    if not plan.echo_logprobs:  # with logprobs, each choice's echo waits for its prompt's logprobs (first delta)
+        for k in range(len(streams) * n):
+            if plan.echo_texts[k // n]:
+                yield chunk(k, plan.echo_texts[k // n], None, None)
     async with contextlib.aclosing(merge(streams)) as merged:  # type: ignore[type-var]
         async for p, delta in merged:
             k = p * n + delta.index
+            if delta.prompt_logprobs is not None and plan.echo_logprobs:
+                echoed = completion_logprobs(echoed_logprobs(plan, p, delta.prompt_logprobs), 0, plan.logprobs or 0)
+                yield chunk(k, plan.echo_texts[p], echoed, None)
             lp = None
             if plan.logprobs is not None and delta.logprobs:
-                lp = completion_logprobs(delta.logprobs, offsets[k])
+                lp = completion_logprobs(delta.logprobs, offsets[k], plan.logprobs)
                 offsets[k] += sum(len(t.token) for t in delta.logprobs)
             if delta.text or lp or delta.finish_reason:
                 yield chunk(k, delta.text, lp, delta.finish_reason)

@@ -39,7 +39,9 @@ def _tokenize(state: ServerState, body: TokenizeRequest, request_id: str) -> Tok
         ids = service.tokenize_prompts(body.prompt)[0]
     else:
         chat = ChatCompletionRequest(model=body.model or state.configured_model, messages=body.messages or [],
-                                     tools=body.tools, chat_template_kwargs=body.chat_template_kwargs)  # fmt: skip
+                                     tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
+                                     add_generation_prompt=body.add_generation_prompt,
+                                     continue_final_message=body.continue_final_message)  # fmt: skip
         ids = list(plan_chat(state, chat, request_id).chat.request.prompt_ids)
     strs = list(service.tokenizer.convert_ids_to_tokens(ids)) if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=service.max_model_len, tokens=ids, token_strs=strs)

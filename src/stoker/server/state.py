@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stoker.chat import MIN_TEMPERATURE, SamplingParams, ServedModel
+from stoker.chat import MIN_TEMPERATURE, SamplingParams, ServedModel, StructuredOutput, structured_fields
 from stoker.errors import NotFoundError, RequestError
 from stoker.server.metrics import ServerMetrics
 from stoker.server.protocol import ModelCard
@@ -85,10 +85,16 @@ class ServerState:
             )
 
     # ---------------------------------------------------------------------------------------------------------------
-    def sampling_params(self, body: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The request's sampling fields over the config's defaults (fields the request leaves out keep them)."""
-        if body.logit_bias:
-            raise RequestError("logit_bias is not supported by this server: remove it.", param="logit_bias")
+    def sampling_params(self, body: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutput | None = None) -> SamplingParams:
+        """The request's sampling fields over the config's defaults (fields the request leaves out keep them).
+        ``structured``: the output constraint the route read (``response_format``, tools), besides the body's own
+        ``structured_outputs``; a request may set only one."""
+        own = structured_outputs_of(body)
+        if own is not None and structured is not None:
+            raise RequestError(f"{own.param} and {structured.param} both constrain the output: send only one.",
+                               param=own.param)
+        structured = structured or own
         if body.stream_options is not None and not body.stream:
             raise RequestError("stream_options is only allowed when stream is true.", param="stream_options")
         self.check_sequences(body.n, 1)
@@ -106,4 +112,36 @@ class ServerState:
             n=body.n,
             stop=[s for s in stop if s] or None,
             logprobs=logprobs,
+            prompt_logprobs=body.prompt_logprobs,
+            min_p=body.min_p,
+            min_tokens=body.min_tokens or None,
+            ignore_eos=body.ignore_eos or None,
+            stop_token_ids=body.stop_token_ids or None,
+            bad_words=body.bad_words or None,
+            allowed_token_ids=body.allowed_token_ids,
+            logit_bias=logit_bias(body.logit_bias) or None,
+            structured=structured,
         )
+
+
+def structured_outputs_of(body: SamplingFields) -> StructuredOutput | None:
+    """vLLM's ``structured_outputs`` object, or its older ``guided_*`` fields."""
+    if body.structured_outputs is not None:
+        fields = body.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        return structured_fields(fields, param="structured_outputs")
+    guided = {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,
+              "grammar": body.guided_grammar}
+    return structured_fields({k: v for k, v in guided.items() if v is not None}, param="guided", sep="_")
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as strings."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError(f"logit_bias keys are token ids, and {key!r} is not an integer.",
+                               param="logit_bias") from None
+        out[token] = float(value)
+    return out

@@ -48,8 +48,14 @@ class Template(abc.ABC):
         tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
+        variables: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text, BOS included as text where the family's template writes it."""
+        """The prompt text, BOS included as text where the family's template writes it.
+
+        ``continue_final_message``: the prompt ends inside the last (assistant) message, so the model goes on
+        writing it (see ``continued``). ``variables``: more template variables (vLLM's ``chat_template_kwargs``),
+        which a Jinja template reads; built-in families read ``enable_thinking`` only."""
 
     @abc.abstractmethod
     def encode(
@@ -60,6 +66,8 @@ class Template(abc.ABC):
         tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
+        variables: dict[str, Any] | None = None,
     ) -> list[int]:
         """Prompt token ids, identical to what the family's official template tokenizes to."""
 
@@ -96,3 +104,19 @@ class Template(abc.ABC):
             if word and word in text:
                 text = text[: text.index(word)]
         return text
+
+
+def continued(text: str, messages: list[Message]) -> str:
+    """The rendered conversation cut right after the last message's text, as transformers' apply_chat_template does
+    for ``continue_final_message``: what the template writes after it (end of turn) is dropped."""
+    from stoker.errors import TemplateError
+
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str) or not messages or messages[-1].get("role") != "assistant":
+        raise TemplateError("continue_final_message needs the conversation to end with an assistant message (the "
+                            "text to continue).")
+    for probe in (final, final.strip()):
+        if probe and probe in text:
+            return text[: text.rindex(probe) + len(probe)]
+    raise TemplateError("continue_final_message: the chat template does not write the last message's text as it "
+                        "is, so there is no place to continue it from.")

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stoker.templates.base import Message, Template, Tool
+from stoker.templates.base import Message, Template, Tool, continued
 from stoker.templates.conversation import Turn, normalize
 from stoker.templates.reasoning import Thinking
 from stoker.templates.tools import FORMATS, ToolFormat
@@ -125,8 +125,12 @@ class ChatTemplate(Template):
         tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
+        variables: dict[str, Any] | None = None,
     ) -> str:
         turns = normalize(messages, image_token=self.image_token)
+        if continue_final_message:
+            return continued(self._render(turns, list(tools or []), False, enable_thinking), messages)
         return self._render(turns, list(tools or []), add_generation_prompt, enable_thinking)
 
     def encode(
@@ -137,11 +141,14 @@ class ChatTemplate(Template):
         tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        continue_final_message: bool = False,
+        variables: dict[str, Any] | None = None,
     ) -> list[int]:
         # Exactly what transformers' apply_chat_template(tokenize=True) does with the official template: the text
         # already holds BOS where the family writes it, so the tokenizer must not add another.
         text = self.bind(tokenizer).render(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            continue_final_message=continue_final_message,
         )
         return list(tokenizer.encode(text, add_special_tokens=self.tokenizer_specials))
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from stoker.errors import TemplateError
-from stoker.templates.base import Message, Template, Tool
+from stoker.templates.base import Message, Template, Tool, continued
 from stoker.templates.conversation import normalize, to_hf_messages
 from stoker.templates.reasoning import Thinking
 from stoker.templates.tools import FORMATS, ToolFormat
@@ -147,18 +147,28 @@ class JinjaTemplate(Template):
         return f"<template {self.name} (jinja)>"
 
     def render(self, messages: list[Message], *, tools: list[Tool] | None = None, add_generation_prompt: bool = True,
-               enable_thinking: bool | None = None) -> str:
+               enable_thinking: bool | None = None, continue_final_message: bool = False,
+               variables: dict[str, Any] | None = None) -> str:
         normalize(messages, image_token="")  # the same checks (and messages) as built-in templates; parts pass through
-        return render_jinja(
+        extra = {k: v for k, v in (variables or {}).items() if k not in ("enable_thinking", "preserve_thinking")}
+        taken = sorted(set(extra) & {"messages", "tools", "documents", "add_generation_prompt", *SPECIAL_TOKEN_NAMES})
+        if taken:
+            raise TemplateError(f"chat_template_kwargs cannot set {', '.join(taken)}: the conversation and the "
+                                "tokenizer's special tokens set them.")
+        text = render_jinja(
             self.source, to_hf_messages(messages), tools=list(tools) if tools else None,
-            add_generation_prompt=add_generation_prompt, special_tokens=self.special_tokens,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            special_tokens=self.special_tokens, **extra,
             enable_thinking=enable_thinking, preserve_thinking=self.preserve_thinking or None,
         )
+        return continued(text, messages) if continue_final_message else text
 
     def encode(self, tokenizer: Any, messages: list[Message], *, tools: list[Tool] | None = None,
-               add_generation_prompt: bool = True, enable_thinking: bool | None = None) -> list[int]:
+               add_generation_prompt: bool = True, enable_thinking: bool | None = None,
+               continue_final_message: bool = False, variables: dict[str, Any] | None = None) -> list[int]:
         text = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking)
+                           enable_thinking=enable_thinking, continue_final_message=continue_final_message,
+                           variables=variables)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:

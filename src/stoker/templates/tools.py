@@ -91,6 +91,9 @@ def find_calls(fmt: ToolFormat, text: str) -> Parsed | None:
         return None
 
 
+ARGS_PLACEHOLDER = "STOKER_ARGUMENTS_PLACEHOLDER"
+
+
 class ToolFormat:
     """Base class; a family's template decides *where* the definitions go, the format decides *what* they say."""
 
@@ -109,6 +112,18 @@ class ToolFormat:
 
     def parse(self, text: str) -> Parsed | None:
         raise NotImplementedError
+
+    def call_frame(self, name: str) -> tuple[str, str] | None:
+        """The text of one call to ``name`` before and after its arguments object, as this format writes a reply
+        holding just that call; None when the arguments are not written as one JSON object. Constrained decoding
+        (``tool_choice`` required or named) fills the arguments in between."""
+        placeholder = {ARGS_PLACEHOLDER: 0}
+        text = self.calls([Call(name, json.dumps(placeholder), placeholder)])
+        for written in (json.dumps(placeholder), json.dumps(placeholder, separators=(",", ":"))):
+            if text.count(written) == 1:
+                start = text.index(written)
+                return text[:start], text[start + len(written):]
+        return None
 
     def call_start(self, text: str) -> int | None:
         """Where a tool call begins in a reply streamed so far (its first marker), or None while none has shown.
