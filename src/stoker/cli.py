@@ -22,10 +22,11 @@ commands:
   predict    batch generation over datasets: predictions file plus BLEU/ROUGE metrics
   train      LLaMA-Factory compatibility: runs predict when the config says do_predict: true
   check      print the resolved settings, where each came from, and what would load (loads nothing)
-  template   list templates, or render the exact prompt a model sees (stoker template --help)
+  template   list templates, or render the exact prompt a model sees
   demo       build the demo models (cached) and print their folders
-  version    print the version
+  version    print the version (also --version)
 
+stoker COMMAND --help tells what a command does, its config keys, environment variables and an example.
 Without a CONFIG file, chat/webchat/api/predict use the demo model demo:smol (SmolLM2-135M-Instruct).
 key=value overrides come after the file and are typed as YAML (e.g. temperature=0.7 adapter_name_or_path=a,b).
 Docs: README.md and docs/ in the source tree.
@@ -207,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"stoker: error: unknown command {command!r}.{hint} Run 'stoker --help' for the list.", file=sys.stderr)
         return 2
-    if command != "template" and any(a in ("-h", "--help") for a in rest):
-        print(USAGE, end="")
+    if command not in ("template", "demo") and any(a in ("-h", "--help") for a in rest):
+        from stoker.command_help import HELP  # template and demo parse their own arguments
+
+        print(HELP[command], end="")
         return 0
     setup_logging(debug)
     code = _run(command, rest, debug)

@@ -12,3 +12,8 @@ def shown(path: str | os.PathLike[str]) -> str:
     if Path(written).expanduser().is_absolute():
         return repr(written)
     return f"{written!r} (relative to the current folder, {Path.cwd()})"
+
+
+def cache_home() -> Path:
+    """Stoker's cache folder: ``$XDG_CACHE_HOME/stoker``, else ``~/.cache/stoker``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stoker"

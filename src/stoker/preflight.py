@@ -49,6 +49,11 @@ def preflight(settings: Settings, command: Command) -> Preflight:
     plan = plan_adapters(settings, adapters, per_request=command in PER_REQUEST, quantized=quantized)
     _check_template(settings, path, gguf)
     _check_packages(settings, facts)
+    from stoker.engines.structured import configured
+
+    if configured(settings) is not None and importlib.util.find_spec("xgrammar") is None:
+        raise ConfigError("json_schema / response_format constrain decoding with the xgrammar package, which is not "
+                          "installed: pip install xgrammar (the Makefile's set-up installs it).", param="json_schema")
     if settings.visual_inputs and not facts.vision:
         from stoker.models.vision import check_visual_inputs
 

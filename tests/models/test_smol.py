@@ -229,7 +229,7 @@ def test_a_bad_schema_in_the_config_stops_before_loading(tmp_path: Path, keys: d
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"model_name_or_path": "demo:smol", "eval_dataset": "identity",
-                                   "output_dir": str(tmp_path / "out"), **keys}))
+                                   "dataset_dir": str(ROOT / "data"), "output_dir": str(tmp_path / "out"), **keys}))
     out = subprocess.run([sys.executable, "-m", "stoker", "predict", str(cfg)], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]

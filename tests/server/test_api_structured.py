@@ -89,6 +89,9 @@ def test_structured_outputs_choice_regex_and_grammar(server: ApiServer) -> None:
     ebnf = api.chat.completions.create(model="m", messages=ask, max_tokens=16, temperature=0,
                                        extra_body={"guided_grammar": grammar})
     assert ebnf.choices[0].message.content in ("The answer is one.", "The answer is two.")
+    lark = api.chat.completions.create(model="m", messages=ask, max_tokens=8, temperature=0,
+                                       extra_body={"structured_outputs": {"grammar": 'start: "yes" | "no"'}})
+    assert lark.choices[0].message.content in ("yes", "no")  # vLLM takes Lark grammars as well as EBNF
 
 
 def test_a_named_tool_choice_is_decoded_in_its_schema(server: ApiServer) -> None:

@@ -91,6 +91,7 @@ def test_choice_regex_grammar_and_sampling_extensions_equal_huggingface(server: 
         ({"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}}, StructuredOutput("regex", "[0-9]{3}-[0-9]{4}")),
         ({"guided_grammar": 'root ::= "The answer is " ("one" | "two") "."'},
          StructuredOutput("grammar", 'root ::= "The answer is " ("one" | "two") "."')),
+        ({"structured_outputs": {"grammar": 'start: "yes" | "no"'}}, StructuredOutput("grammar", 'start: "yes" | "no"')),
     ]
     for extra, structured in cases:
         reply = api.chat.completions.create(model="m", messages=ask, max_tokens=16, temperature=0, extra_body=extra)

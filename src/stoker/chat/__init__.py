@@ -35,11 +35,13 @@ from stoker.engines.base import (
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
+    validate_params,
 )
 from stoker.engines.structured import StructuredOutput
 from stoker.engines.structured import from_fields as structured_fields
 
 __all__ = [
+    "validate_params",
     "BASE_WEIGHTS",
     "MIN_TEMPERATURE",
     "ChatService",

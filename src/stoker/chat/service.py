@@ -17,7 +17,6 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from stoker.chat import budget
@@ -48,7 +47,7 @@ from stoker.engines.base import (
     check_token_ids,
 )
 from stoker.engines.detokenize import decode
-from stoker.engines.structured import StructuredOutput, from_config
+from stoker.engines.structured import StructuredOutput, configured
 from stoker.errors import RequestError
 from stoker.templates.base import Template
 from stoker.templates.types import Message, ParsedReply, Tool
@@ -378,8 +377,7 @@ def open_chat_service(settings: Settings, *, per_request_adapters: bool = False)
     from stoker.engines.factory import open_engine
     from stoker.templates import check_template_mismatch, get_template
 
-    source = Path(settings.source).parent if settings.source else None
-    constraint = from_config(settings.json_schema, settings.response_format, config_dir=source)  # before loading
+    constraint = configured(settings)  # a bad schema stops before the model loads
     opened = open_engine(settings, per_request_adapters=per_request_adapters)
     info = opened.engine.info
     try:

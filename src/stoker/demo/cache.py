@@ -41,8 +41,9 @@ def cache_root(root: Path | None = None) -> Path:
         return Path(root).expanduser()
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "stoker" / "demo"
+    from stoker.paths import cache_home
+
+    return cache_home() / "demo"
 
 
 def fingerprint(model: DemoModel, models: Mapping[str, DemoModel] = DEMO_MODELS) -> str:

@@ -9,6 +9,7 @@ fill per constrained row (about 0.5 ms on SmolLM2's 49k vocabulary) and one mask
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,8 @@ class Grammars:
                 return compiler.compile_regex(spec.spec)
             if spec.kind == "choice":
                 return compiler.compile_grammar(choice_grammar(spec.choices))
+            if is_lark(spec.spec):  # vLLM takes Lark grammars too (``rule: ...`` rather than ``rule ::= ...``)
+                return compiler.compile_lark(spec.spec)
             return compiler.compile_grammar(spec.spec)
         except (RuntimeError, ValueError, TypeError) as exc:
             detail = " ".join(str(exc).split())[:500] or type(exc).__name__
@@ -101,6 +104,14 @@ def mask_rows(logits: torch.Tensor, grammars: list[tuple[int, RowGrammar]]) -> N
     sub = logits[rows]
     xgr.apply_token_bitmask_inplace(sub, bitmask)
     logits[rows] = sub
+
+
+_LARK_RULE = re.compile(r"^\s*[?!]?[A-Za-z_][\w.]*\s*:(?!:=)", re.MULTILINE)
+
+
+def is_lark(grammar: str) -> bool:
+    """A grammar written in Lark's syntax: rules defined with ``:`` and none with ``::=``."""
+    return "::=" not in grammar and _LARK_RULE.search(grammar) is not None
 
 
 def literal(text: str) -> str:

@@ -95,6 +95,13 @@ def from_fields(fields: dict[str, Any], *, param: str = "structured_outputs", se
     return StructuredOutput(kind, value, where)
 
 
+def configured(settings: Any) -> StructuredOutput | None:
+    """The constraint a ``Settings`` sets with ``json_schema`` / ``response_format`` (see ``from_config``)."""
+    source = getattr(settings, "source", None)
+    return from_config(settings.json_schema, settings.response_format,
+                       config_dir=Path(source).parent if source else None)
+
+
 def from_config(json_schema: dict[str, Any] | str | None, response_format: dict[str, Any] | str | None, *,
                 config_dir: Path | None = None) -> StructuredOutput | None:
     """The config's ``json_schema`` / ``response_format`` keys as a constraint, or a ``ConfigError`` naming the key.

@@ -203,9 +203,14 @@ def load_model(
     ``settings.merge_adapters``. ``stack``: unmerged, also add ``STACKED_ADAPTER`` (see ``apply_adapters``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from stoker.models.options import pick_dtype
 
+    # transformers' per-tensor "Loading weights" bar would land in the chat's screen and in logs; Stoker says when
+    # the model is ready instead (--debug keeps the bar).
+    if not logger.isEnabledFor(logging.DEBUG):
+        hf_logging.disable_progress_bar()
     path = path or resolve_model_path(settings.model_name_or_path, settings=settings)
     tokenizer = load_tokenizer(settings, path)
     device = pick_device(settings)
