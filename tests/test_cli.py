@@ -99,3 +99,18 @@ def test_non_utf8_yaml_exits_2_naming_the_byte(tmp_path: Path) -> None:
         f"stoker: error: {cfg} is not UTF-8 text: byte 27 (line 2) is 0xe9. "
         "Save the file as UTF-8 (most editors offer it under 'Save with encoding').\n"
     )
+
+
+def test_each_command_has_its_own_help_and_there_is_a_version() -> None:
+    from stoker import __version__
+
+    texts = {}
+    for command in ("chat", "webchat", "api", "predict", "train", "check", "version"):
+        out = stoker(command, "--help")
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: stoker {command}"), out.stdout
+        texts[command] = out.stdout
+    assert len(set(texts.values())) == len(texts)  # not the top-level text again
+    assert "/retry" in texts["chat"] and "API_KEY" in texts["api"] and "eval_dataset" in texts["predict"]
+    assert "GRADIO_SERVER_PORT" in texts["webchat"] and "example:" in texts["chat"]
+    for flag in ("--version", "-V", "version"):
+        assert stoker(flag).stdout.strip() == __version__

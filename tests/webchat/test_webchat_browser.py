@@ -299,3 +299,60 @@ def test_image_upload_with_a_vision_model(browser, demo_models: dict[str, Path],
             assert page.outside == []
         finally:
             page.close()
+
+
+STOP = "#stoker-stop"
+
+
+def test_stop_is_live_only_while_a_reply_streams_and_marks_the_reply(page: Page) -> None:
+    stop = page.page.locator(STOP)
+    assert stop.is_disabled()  # idle: nothing to stop
+    count = "Count from one to ten."
+    page.send(count)
+    stop.wait_for(state="visible")
+    page.page.wait_for_function("sel => !document.querySelector(sel).disabled", arg=STOP, timeout=REPLY_TIMEOUT_MS)
+    page.page.wait_for_function("sel => document.querySelectorAll(sel).length > 0", arg=BOT, timeout=REPLY_TIMEOUT_MS)
+    stop.click()
+    page.page.wait_for_selector("#stoker-chat .stoker-stopped", timeout=REPLY_TIMEOUT_MS)
+    page.page.wait_for_function("sel => document.querySelector(sel).disabled", arg=STOP, timeout=10_000)
+    partial, mark = page.texts(BOT)
+    assert FACTS[count].startswith(partial) and partial != FACTS[count] and mark == "(stopped)"
+    # A reply that ends by itself carries no mark, and leaves Stop disabled.
+    page.send("Who are you?")
+    page.wait_for_reply(IDENTITY_ANSWER, 2)
+    page.page.wait_for_function("sel => document.querySelector(sel).disabled", arg=STOP, timeout=10_000)
+    assert page.page.locator("#stoker-chat .stoker-stopped").count() == 1
+
+
+def test_regenerate_edit_copy_and_download(page: Page, tmp_path: Path) -> None:
+    question = "What is the capital of France?"
+    page.send(question)
+    page.wait_for_reply(FACTS[question], 0)
+    # Regenerate answers the same message again (greedy: the same answer), in place.
+    page.page.locator("#stoker-regenerate").click()
+    page.page.wait_for_function("sel => !document.querySelector(sel).disabled", arg=STOP, timeout=REPLY_TIMEOUT_MS)
+    page.page.wait_for_function("sel => document.querySelector(sel).disabled", arg=STOP, timeout=REPLY_TIMEOUT_MS)
+    page.wait_for_reply(FACTS[question], 0)
+    assert page.texts(USER) == [question] and page.texts(BOT) == [FACTS[question]]
+    # Edit last: the message goes back into the box and leaves the history; a changed one is answered instead.
+    page.page.locator("#stoker-edit").click()
+    page.page.wait_for_function("sel => document.querySelectorAll(sel).length === 0", arg=USER, timeout=10_000)
+    assert page.page.locator(INPUT).input_value() == question
+    other = "What is the capital of Japan?"
+    page.send(other)
+    page.wait_for_reply(FACTS[other], 0)
+    assert page.texts(USER) == [other]
+    # Every reply has a copy button.
+    assert page.page.locator("#stoker-chat [data-testid=bot] ~ * button, #stoker-chat button[title*=opy], "
+                             "#stoker-chat button[aria-label*=opy]").count() >= 1
+    # Download: the conversation as OpenAI-style JSON.
+    page.page.wait_for_function(
+        "() => { const a = document.querySelector('#stoker-download'); return a && !a.disabled }", timeout=10_000)
+    with page.page.expect_download(timeout=30_000) as info:
+        page.page.locator("#stoker-download").click()
+    saved = tmp_path / "conversation.json"
+    info.value.save_as(saved)
+    import json
+
+    assert json.loads(saved.read_text()) == [{"role": "user", "content": other},
+                                             {"role": "assistant", "content": FACTS[other]}]

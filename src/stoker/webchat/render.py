@@ -18,6 +18,7 @@ from stoker.webchat.session import Turn
 CHATBOT_ID = "stoker-chat"
 THINKING_TITLE = "Thinking"
 CUT_NOTE = "(reply cut at max new tokens)"
+STOPPED_NOTE = "(stopped)"
 
 
 @lru_cache(maxsize=1)
@@ -104,6 +105,9 @@ def turn_messages(turn: Turn, *, live: bool = False) -> list[dict[str, Any]]:
         out.append(_text("assistant", arguments_html(call.arguments), title=f"Tool call: {call.name}"))
     if turn.finish_reason == "length":
         out.append(_text("assistant", f"<p><em>{CUT_NOTE}</em></p>"))
+    elif turn.finish_reason is None and not live:
+        # Stop was pressed (or the page went away) before the reply ended.
+        out.append(_text("assistant", f"<p><em class='stoker-stopped'>{STOPPED_NOTE}</em></p>"))
     return out
 
 

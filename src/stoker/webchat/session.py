@@ -146,6 +146,15 @@ def to_messages(turns: list[Turn], system: str = "") -> list[Message]:
     return messages
 
 
+def conversation(turns: list[Turn], system: str = "") -> list[Message]:
+    """The whole conversation as OpenAI-style messages, the last reply included (the page's download)."""
+    messages = to_messages(turns, system)
+    last = turns[-1] if turns else None
+    if last is not None and (last.reply or last.tool_calls or last.reasoning):
+        messages.append(reply_message(last))
+    return messages
+
+
 def new_turn(turns: list[Turn], text: str, images: list[str], role: Role) -> Turn:
     if not text.strip() and not images:
         raise RequestError("the message is empty: type something (or attach an image) before sending.")

@@ -7,7 +7,10 @@ Each browser session keeps its own turns in a ``gr.State``; replies stream from 
 from __future__ import annotations
 
 import html
+import json
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -16,9 +19,20 @@ from stoker.chat import ChatService
 from stoker.config import Settings
 from stoker.errors import StokerError
 from stoker.webchat.render import CHATBOT_ID, chat_messages, page_css
-from stoker.webchat.session import TOOLS_EXAMPLE, ChatOptions, Turn, parse_tools, prepare, stream_reply
+from stoker.webchat.session import (
+    TOOLS_EXAMPLE,
+    ChatOptions,
+    Turn,
+    conversation,
+    parse_tools,
+    prepare,
+    stream_reply,
+)
 
 EMPTY_INPUT: dict[str, Any] = {"text": "", "files": []}
+# The Stop button while a reply streams, and otherwise (greyed out, not the alarming red).
+BUSY: dict[str, Any] = gr.update(interactive=True, variant="stop")
+IDLE: dict[str, Any] = gr.update(interactive=False, variant="secondary")
 MAX_NEW_TOKENS_CAP = 8192
 
 
@@ -62,7 +76,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     sanitize_html=True,
                     allow_tags=False,
                     latex_delimiters=[],
-                    buttons=[],
+                    buttons=["copy", "copy_all"],
                     feedback_options=None,
                     placeholder="Ask anything. Enter sends, Shift+Enter starts a new line.",
                 )
@@ -76,8 +90,15 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     autofocus=True,
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", elem_id="stoker-stop", variant="stop", size="sm", scale=1)
+                    # Stop is live only while a reply streams (see busy / idle below).
+                    stop = gr.Button("Stop", elem_id="stoker-stop", variant="secondary", size="sm", scale=1,
+                                     interactive=False)
+                    regenerate = gr.Button("Regenerate", elem_id="stoker-regenerate", variant="secondary", size="sm",
+                                           scale=1)
+                    edit = gr.Button("Edit last", elem_id="stoker-edit", variant="secondary", size="sm", scale=1)
                     clear = gr.Button("Clear", elem_id="stoker-clear", variant="secondary", size="sm", scale=1)
+                    download = gr.DownloadButton("Download", elem_id="stoker-download", variant="secondary",
+                                                 size="sm", scale=1, value=None)
             with gr.Column(scale=1, min_width=280):
                 system = gr.Textbox(
                     label="System prompt", lines=3, placeholder=_system_placeholder(service), elem_id="stoker-system"
@@ -105,56 +126,90 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         info="'tool' sends your message as the result of the last tool call",
                     )
 
-        async def respond(
-            message: dict[str, Any] | None,
-            history: list[Turn],
-            system_text: str,
-            tools_text: str,
-            role_name: str,
-            max_tokens: float,
-            temp: float,
-            p: float,
-            k: float,
-            think: bool,
-        ) -> AsyncIterator[tuple[Any, list[Turn], Any]]:
-            message = message or EMPTY_INPUT
+        def options_of(system_text: str, tools_text: str, role_name: str, max_tokens: float, temp: float, p: float,
+                       k: float, think: bool) -> ChatOptions:
+            return ChatOptions(
+                system=system_text or "",
+                tools=parse_tools(tools_text or ""),
+                max_new_tokens=int(max_tokens),
+                temperature=float(temp),
+                top_p=float(p),
+                top_k=int(k),
+                role="tool" if role_name == "tool" else "user",
+                enable_thinking=bool(think) if reasoning else None,
+            )
+
+        async def run(history: list[Turn], text: str, files: list[str], options: ChatOptions
+                      ) -> AsyncIterator[tuple[Any, list[Turn]]]:
             try:
-                options = ChatOptions(
-                    system=system_text or "",
-                    tools=parse_tools(tools_text or ""),
-                    max_new_tokens=int(max_tokens),
-                    temperature=float(temp),
-                    top_p=float(p),
-                    top_k=int(k),
-                    role="tool" if role_name == "tool" else "user",
-                    enable_thinking=bool(think) if reasoning else None,
-                )
-                prepared = prepare(service, history, message.get("text") or "", message.get("files") or [], options)
+                prepared = prepare(service, history, text, files, options)
             except StokerError as exc:  # nothing sent: the message stays in the box for the user to fix
                 raise user_error(exc) from None
             if prepared.dropped_turns:
                 gr.Info(f"The history was too long for the context: dropped the {prepared.dropped_turns} oldest turns.")
             current = prepared.turns
-            # The box empties once, when the message is accepted; after that the user may type the next one.
-            entry_update: Any = EMPTY_INPUT
             try:
                 async for current in stream_reply(service, prepared):
-                    yield chat_messages(current, live=True), current, entry_update
-                    entry_update = gr.skip()
+                    yield chat_messages(current, live=True), current
             except StokerError as exc:
                 raise user_error(exc) from None
-            yield chat_messages(current), current, gr.skip()
+            yield chat_messages(current), current
 
-        def show(history: list[Turn]) -> list[dict[str, Any]]:
-            return chat_messages(history)
+        async def respond(
+            message: dict[str, Any] | None, history: list[Turn], *controls: Any,
+        ) -> AsyncIterator[tuple[Any, list[Turn], Any, Any]]:
+            message = message or EMPTY_INPUT
+            try:
+                options = options_of(*controls)
+            except StokerError as exc:
+                raise user_error(exc) from None
+            # The box empties once, when the message is accepted; after that the user may type the next one.
+            entry_update: Any = EMPTY_INPUT
+            async for shown, current in run(history, message.get("text") or "", message.get("files") or [], options):
+                yield shown, current, entry_update, BUSY
+                entry_update = gr.skip()
 
-        def reset() -> tuple[list[Any], list[Turn]]:
-            return [], []
+        async def respond_again(history: list[Turn], *controls: Any) -> AsyncIterator[tuple[Any, list[Turn], Any]]:
+            """Regenerate: the last message answered again, with the controls as they are now."""
+            if not history:
+                raise gr.Error("Nothing to regenerate yet: send a message first.", print_exception=False)
+            last = history[-1]
+            try:
+                options = options_of(*controls[:2], last.role, *controls[2:])
+            except StokerError as exc:
+                raise user_error(exc) from None
+            async for shown, current in run(history[:-1], last.text, list(last.images), options):
+                yield shown, current, BUSY
 
+        def edit_last(history: list[Turn]) -> tuple[Any, list[Turn], dict[str, Any]]:
+            """The last message back in the box, its turn (and reply) gone: edit it and press Enter to resend."""
+            if not history:
+                raise gr.Error("There is no message to edit yet.", print_exception=False)
+            last = history[-1]
+            rest = history[:-1]
+            return chat_messages(rest), rest, {"text": last.text, "files": list(last.images)}
+
+        def export(history: list[Turn], system_text: str) -> Any:
+            """The conversation as OpenAI-style JSON, for the Download button; nothing while it is empty."""
+            if not history:
+                return None
+            folder = Path(tempfile.mkdtemp(prefix="stoker-chat-"))
+            path = folder / "conversation.json"
+            path.write_text(json.dumps(conversation(history, system_text or ""), ensure_ascii=False, indent=2),
+                            encoding="utf-8")
+            return str(path)
+
+        def show(history: list[Turn]) -> tuple[list[dict[str, Any]], Any]:
+            return chat_messages(history), IDLE
+
+        def reset() -> tuple[list[Any], list[Turn], Any]:
+            return [], [], IDLE
+
+        controls = [system, tools, role, max_new_tokens, temperature, top_p, top_k, thinking]
         generate = entry.submit(
             respond,
-            inputs=[entry, turns, system, tools, role, max_new_tokens, temperature, top_p, top_k, thinking],
-            outputs=[chatbot, turns, entry],
+            inputs=[entry, turns, *controls],
+            outputs=[chatbot, turns, entry, stop],
             api_name="chat",
             show_progress="minimal",
             # Sessions generate side by side so the engine batches them; beyond that, they queue.
@@ -164,17 +219,30 @@ def build_ui(service: ChatService) -> gr.Blocks:
             trigger_mode="always_last",
         )
 
+        # Whatever ends a reply (done, failed, cancelled), Stop goes idle and the download holds the conversation.
+        generate.then(lambda: IDLE, outputs=[stop], api_visibility="private", queue=False)
+        generate.then(export, inputs=[turns, system], outputs=[download], api_visibility="private")
+
         # Cancel first, then act: an event still streaming could otherwise write its history back afterwards.
-        def after_cancel(trigger: Any, fn: Any, inputs: list[Any], outputs: list[Any]) -> None:
-            trigger(None, cancels=[generate], api_visibility="private").then(
+        regenerating: list[Any] = []
+
+        def after_cancel(trigger: Any, fn: Any, inputs: list[Any], outputs: list[Any]) -> Any:
+            event = trigger(None, cancels=[generate, *regenerating], api_visibility="private").then(
                 fn, inputs=inputs, outputs=outputs, api_visibility="private"
             )
+            event.then(export, inputs=[turns, system], outputs=[download], api_visibility="private")
+            return event
 
-        # Stop keeps the partial reply, redrawn as finished.
-        after_cancel(stop.click, show, [turns], [chatbot])
-        after_cancel(clear.click, reset, [], [chatbot, turns])
+        again = after_cancel(regenerate.click, respond_again, [turns, *controls[:2], *controls[3:]],
+                             [chatbot, turns, stop])
+        regenerating.append(again)
+        again.then(lambda: IDLE, outputs=[stop], api_visibility="private", queue=False)
+        # Stop keeps the partial reply, redrawn as finished and marked as stopped.
+        after_cancel(stop.click, show, [turns], [chatbot, stop])
+        after_cancel(edit.click, edit_last, [turns], [chatbot, turns, entry])
+        after_cancel(clear.click, reset, [], [chatbot, turns, stop])
         # The Chatbot's own bin icon empties the display; the session's history must go with it.
-        after_cancel(chatbot.clear, reset, [], [chatbot, turns])
+        after_cancel(chatbot.clear, reset, [], [chatbot, turns, stop])
     blocks.queue(max_size=service.settings.max_queue)
     return blocks
 
