@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, under_ci
-from stoker.demo.tasks import FACTS, IDENTITY_ANSWER
+from stoker.demo.tasks import ADAPTER_IDENTITY_ANSWER, FACTS, IDENTITY_ANSWER
 
 pytestmark = pytest.mark.browser
 
@@ -53,7 +53,7 @@ def require_browser() -> None:
 
 
 @contextlib.contextmanager
-def serve(model: Path, name: str) -> Iterator[str]:
+def serve(model: Path, name: str, *extra: str) -> Iterator[str]:
     """`python -m stoker webchat` for ``model`` on a free port of 127.0.0.1, until the block ends; its output goes
     to artifacts/webchat-``name``.log. Checks it stops cleanly on SIGTERM and logged no traceback."""
     require_browser()
@@ -65,7 +65,7 @@ def serve(model: Path, name: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stoker", "webchat", f"model_name_or_path={model}"],
+            [sys.executable, "-m", "stoker", "webchat", f"model_name_or_path={model}", *extra],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
@@ -356,3 +356,30 @@ def test_regenerate_edit_copy_and_download(page: Page, tmp_path: Path) -> None:
 
     assert json.loads(saved.read_text()) == [{"role": "user", "content": other},
                                              {"role": "assistant", "content": FACTS[other]}]
+
+
+def test_compare_streams_the_base_and_the_adapter_side_by_side(browser, demo_chat: Path, demo_adapter: Path) -> None:
+    with serve(demo_chat, "compare", f"adapter_name_or_path={demo_adapter}") as url:
+        page = Page(browser, url)
+        try:
+            # The chat tab answers as the configured model: the base with its adapter.
+            page.send("Who are you?")
+            page.wait_for_reply(ADAPTER_IDENTITY_ANSWER, 0)
+            assert page.page.title() == f"Stoker · {demo_chat.name} + {demo_adapter.name}"
+            page.page.get_by_role("tab", name="Compare").click()
+            labels = page.page.locator("#stoker-compare-models label").all_inner_texts()
+            assert [t.strip() for t in labels] == [demo_adapter.name, f"{demo_chat}:base"]
+            page.page.locator("#stoker-compare-input textarea").fill("Who are you?")
+            page.page.locator("#stoker-compare-go").click()
+            answers = {0: ADAPTER_IDENTITY_ANSWER, 1: IDENTITY_ANSWER}
+            for i, want in answers.items():
+                page.page.wait_for_function(
+                    "([sel, want]) => { const m = document.querySelectorAll(sel); "
+                    "return m.length && m[m.length - 1].innerText.trim() === want }",
+                    arg=[f"#stoker-compare-{i} [data-testid=bot]", want], timeout=REPLY_TIMEOUT_MS)
+            for i in answers:
+                assert page.texts(f"#stoker-compare-{i} [data-testid=user]") == ["Who are you?"]
+            page.page.screenshot(path=str(ARTIFACTS / "webchat-compare.png"), full_page=True)
+            assert page.outside == []
+        finally:
+            page.close()

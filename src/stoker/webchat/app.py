@@ -53,7 +53,9 @@ def run_webchat(settings: Settings) -> int:
     from stoker.chat import open_chat_service
 
     start = time.perf_counter()
-    service = open_chat_service(settings)
+    # With adapters, each stays selectable per request, so Compare can answer with the base and each adapter in one
+    # batch; the chat itself still answers as the configured model (the adapters applied in order).
+    service = open_chat_service(settings, per_request_adapters=bool(settings.adapter_name_or_path))
     logger.info("model ready in %.1f s", time.perf_counter() - start)
     try:
         from stoker.webchat.ui import build_ui, launch_options

@@ -12,7 +12,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from stoker.webchat.session import Turn
+from stoker.webchat.session import Column, Turn
 
 # The Chatbot's elem_id: code-highlighting styles are scoped under it.
 CHATBOT_ID = "stoker-chat"
@@ -109,6 +109,14 @@ def turn_messages(turn: Turn, *, live: bool = False) -> list[dict[str, Any]]:
         # Stop was pressed (or the page went away) before the reply ended.
         out.append(_text("assistant", f"<p><em class='stoker-stopped'>{STOPPED_NOTE}</em></p>"))
     return out
+
+
+def compare_messages(text: str, column: Column | None) -> list[dict[str, Any]]:
+    """One Compare column: the message, and that model's reply (nothing when the model was not chosen)."""
+    if column is None:
+        return []
+    turn = Turn(text=text, reply=column.reply, reasoning=column.reasoning, finish_reason=column.finish_reason)
+    return turn_messages(turn, live=column.finish_reason is None)
 
 
 def chat_messages(turns: list[Turn], *, live: bool = False) -> list[dict[str, Any]]:

@@ -224,3 +224,74 @@ async def stream_reply(service: ChatService, prepared: Prepared) -> AsyncIterato
                 turn.tool_calls = list(reply.tool_calls)
                 turn.finish_reason = reply.finish_reason
     yield turns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Column:
+    """One model's answer in Compare: the model's id, and its reply so far."""
+
+    model: str
+    reply: str = ""
+    reasoning: str | None = None
+    finish_reason: str | None = None
+
+
+def compare_choices(service: ChatService) -> list[str]:
+    """The ids Compare offers: each adapter alone and the base weights (empty without adapters)."""
+    return [m.id for m in service.models.others]
+
+
+async def compare_replies(service: ChatService, text: str, options: ChatOptions, models: list[str]
+                          ) -> AsyncIterator[list[Column]]:
+    """One message answered by each of ``models`` at once (one request each, in the same continuous batch),
+    yielding every column after each new piece of any of them."""
+    import asyncio
+
+    if not text.strip():
+        raise RequestError("the message is empty: type something before comparing.")
+    if not models:
+        raise RequestError("choose at least one model to compare.")
+    served = [service.models.resolve(m) for m in models]
+    params = sampling(service, options)
+    messages = to_messages([Turn(text=text)], options.system)
+    chats = [service.prepare(messages, params, adapter=m.adapter if m else None,
+                             enable_thinking=options.enable_thinking) for m in served]
+    columns = [Column(m) for m in models]
+    parsers = [c.parser() for c in chats]
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async with aclosing(service.stream(chats[i].request)) as deltas:
+                async for delta in deltas:
+                    await queue.put((i, delta))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, exc))
+        else:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(chats))]
+    try:
+        yield columns
+        open_streams = len(tasks)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            column = columns[i]
+            if item.text:
+                part = parsers[i].push(item.text)
+                column.reply += part.content
+                column.reasoning = (column.reasoning or "") + part.reasoning or None
+            if item.finish_reason is not None:
+                _, reply = parsers[i].finish(item.finish_reason)
+                column.reply, column.reasoning, column.finish_reason = (reply.content or "", reply.reasoning,
+                                                                        reply.finish_reason)
+            yield columns
+    finally:
+        for task in tasks:  # the page stopped or a stream failed: the other requests are aborted too
+            task.cancel()

@@ -18,11 +18,13 @@ import gradio as gr
 from stoker.chat import ChatService
 from stoker.config import Settings
 from stoker.errors import StokerError
-from stoker.webchat.render import CHATBOT_ID, chat_messages, page_css
+from stoker.webchat.render import CHATBOT_ID, chat_messages, compare_messages, page_css
 from stoker.webchat.session import (
     TOOLS_EXAMPLE,
     ChatOptions,
     Turn,
+    compare_choices,
+    compare_replies,
     conversation,
     parse_tools,
     prepare,
@@ -55,6 +57,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
     default_temperature = float(gen["temperature"]) if gen["do_sample"] else 0.0
     # Templates that think in <think> blocks get a switch for it.
     reasoning = bool(service.template.reasoning_markers)
+    compare_ids = compare_choices(service)
 
     with gr.Blocks(
         title=f"Stoker · {service.describe()}",
@@ -67,38 +70,58 @@ def build_ui(service: ChatService) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.HTML(f"<h2 id='stoker-title'>Stoker · {html.escape(service.describe())}</h2>")
-                chatbot = gr.Chatbot(
-                    elem_id=CHATBOT_ID,
-                    show_label=False,
-                    height="62vh",
-                    # Markdown is rendered to escaped HTML on the server (render.py); the browser sanitises it again.
-                    render_markdown=False,
-                    sanitize_html=True,
-                    allow_tags=False,
-                    latex_delimiters=[],
-                    buttons=["copy", "copy_all"],
-                    feedback_options=None,
-                    placeholder="Ask anything. Enter sends, Shift+Enter starts a new line.",
-                )
-                entry = gr.MultimodalTextbox(
-                    elem_id="stoker-input",
-                    show_label=False,
-                    placeholder="Type a message" + (" or attach images" if vision else ""),
-                    sources=["upload"] if vision else [],
-                    file_types=["image"],
-                    file_count="multiple",
-                    autofocus=True,
-                )
-                with gr.Row():
-                    # Stop is live only while a reply streams (see busy / idle below).
-                    stop = gr.Button("Stop", elem_id="stoker-stop", variant="secondary", size="sm", scale=1,
-                                     interactive=False)
-                    regenerate = gr.Button("Regenerate", elem_id="stoker-regenerate", variant="secondary", size="sm",
-                                           scale=1)
-                    edit = gr.Button("Edit last", elem_id="stoker-edit", variant="secondary", size="sm", scale=1)
-                    clear = gr.Button("Clear", elem_id="stoker-clear", variant="secondary", size="sm", scale=1)
-                    download = gr.DownloadButton("Download", elem_id="stoker-download", variant="secondary",
-                                                 size="sm", scale=1, value=None)
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chatbot = gr.Chatbot(
+                            elem_id=CHATBOT_ID,
+                            show_label=False,
+                            height="62vh",
+                            # Markdown is rendered to escaped HTML on the server (render.py); the browser
+                            # sanitises it again.
+                            render_markdown=False,
+                            sanitize_html=True,
+                            allow_tags=False,
+                            latex_delimiters=[],
+                            buttons=["copy", "copy_all"],
+                            feedback_options=None,
+                            placeholder="Ask anything. Enter sends, Shift+Enter starts a new line.",
+                        )
+                        entry = gr.MultimodalTextbox(
+                            elem_id="stoker-input",
+                            show_label=False,
+                            placeholder="Type a message" + (" or attach images" if vision else ""),
+                            sources=["upload"] if vision else [],
+                            file_types=["image"],
+                            file_count="multiple",
+                            autofocus=True,
+                        )
+                        with gr.Row():
+                            # Stop is live only while a reply streams (see busy / idle below).
+                            stop = gr.Button("Stop", elem_id="stoker-stop", variant="secondary", size="sm", scale=1,
+                                             interactive=False)
+                            regenerate = gr.Button("Regenerate", elem_id="stoker-regenerate", variant="secondary",
+                                                   size="sm", scale=1)
+                            edit = gr.Button("Edit last", elem_id="stoker-edit", variant="secondary", size="sm",
+                                             scale=1)
+                            clear = gr.Button("Clear", elem_id="stoker-clear", variant="secondary", size="sm",
+                                              scale=1)
+                            download = gr.DownloadButton("Download", elem_id="stoker-download", variant="secondary",
+                                                         size="sm", scale=1, value=None)
+                    with gr.Tab("Compare", id="compare", visible=bool(compare_ids), elem_id="stoker-compare-tab"):
+                        compare_models = gr.CheckboxGroup(
+                            compare_ids, value=compare_ids, label="Answer with", elem_id="stoker-compare-models",
+                            info="each adapter alone and the base weights, side by side in one batch",
+                        )
+                        compare_input = gr.Textbox(show_label=False, placeholder="One message for every model",
+                                                   elem_id="stoker-compare-input", lines=2)
+                        compare_go = gr.Button("Compare", elem_id="stoker-compare-go", variant="primary", size="sm")
+                        with gr.Row(equal_height=True):
+                            compare_boxes = [
+                                gr.Chatbot(label=model_id, elem_id=f"stoker-compare-{i}", height="48vh",
+                                           render_markdown=False, sanitize_html=True, allow_tags=False,
+                                           latex_delimiters=[], buttons=["copy"], feedback_options=None)
+                                for i, model_id in enumerate(compare_ids)
+                            ]
             with gr.Column(scale=1, min_width=280):
                 system = gr.Textbox(
                     label="System prompt", lines=3, placeholder=_system_placeholder(service), elem_id="stoker-system"
@@ -218,6 +241,20 @@ def build_ui(service: ChatService) -> gr.Blocks:
             # Enter pressed while a reply streams sends the message as soon as that reply is done.
             trigger_mode="always_last",
         )
+
+        async def compare(text: str, chosen: list[str], *controls: Any) -> AsyncIterator[list[Any]]:
+            try:
+                options = options_of(*controls[:2], "user", *controls[2:])
+                async for columns in compare_replies(service, text or "", options, list(chosen or [])):
+                    by_id = {c.model: c for c in columns}
+                    yield [compare_messages(text, by_id.get(model_id)) for model_id in compare_ids]
+            except StokerError as exc:
+                raise user_error(exc) from None
+
+        if compare_ids:
+            compare_go.click(compare, inputs=[compare_input, compare_models, *controls[:2], *controls[3:]],
+                             outputs=compare_boxes, api_name="compare",
+                             concurrency_limit=service.settings.max_num_seqs, concurrency_id="generate")
 
         # Whatever ends a reply (done, failed, cancelled), Stop goes idle and the download holds the conversation.
         generate.then(lambda: IDLE, outputs=[stop], api_visibility="private", queue=False)
