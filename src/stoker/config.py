@@ -129,6 +129,9 @@ class Settings:
     output_dir: str | None = None
     overwrite_output_dir: bool = False
     per_device_eval_batch_size: int = 8
+    # Predict with each of these models side by side, in one batch: "base" (no adapter) and adapter ids; one
+    # sub-folder of output_dir each, and a table of their metrics.
+    compare: list[str] = field(default_factory=list)
     # Training arguments a predict run reads: the compute dtype, and which rows are predicted.
     bf16: bool = False
     fp16: bool = False
@@ -227,7 +230,7 @@ ENV_KEYS = {
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name not in ("source", "origins")}
 _HINTS = typing.get_type_hints(Settings)
-_LIST_KEYS = {"adapter_name_or_path", "dataset", "eval_dataset", "add_tokens", "add_special_tokens"}
+_LIST_KEYS = {"adapter_name_or_path", "dataset", "eval_dataset", "add_tokens", "add_special_tokens", "compare"}
 
 
 def known_keys() -> list[str]:

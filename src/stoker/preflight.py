@@ -46,7 +46,15 @@ def preflight(settings: Settings, command: Command) -> Preflight:
     check_backend_takes(settings, gguf)
     facts = read_model_facts(path, gguf)
     quantized = settings.quantization_bit is not None or facts.quant_method is not None
-    plan = plan_adapters(settings, adapters, per_request=command in PER_REQUEST, quantized=quantized)
+    if settings.compare:
+        if command != "predict":
+            raise ConfigError(f"compare is a predict key (one run answered by several models); stoker {command} "
+                              "does not read it: remove it.", param="compare")
+        from stoker.predict.compare import compare_targets
+
+        compare_targets(settings, list(adapters))
+    per_request = command in PER_REQUEST or bool(settings.compare)
+    plan = plan_adapters(settings, adapters, per_request=per_request, quantized=quantized)
     _check_template(settings, path, gguf)
     _check_packages(settings, facts)
     from stoker.engines.structured import configured

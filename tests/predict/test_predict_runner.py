@@ -18,6 +18,7 @@ from conftest import free_port
 
 from stoker.cli import main as cli_main
 from stoker.demo.tasks import (
+    ADAPTER_IDENTITY_ANSWER,
     FACTS,
     GREETING_ANSWER,
     IDENTITY_ANSWER,
@@ -627,3 +628,44 @@ def test_a_killed_launcher_or_worker_leaves_no_orphans_and_loses_no_rows(
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "generated_predictions.jsonl").read_bytes() == (whole / "generated_predictions.jsonl").read_bytes()
+
+
+# --- compare ---------------------------------------------------------------------------------------------------------
+
+
+def test_compare_answers_with_the_base_and_the_adapter_in_one_run(
+    tmp_path: Path, demo_chat: Path, demo_adapter: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each compared model writes the file a run of its own writes; the metrics come side by side."""
+    out = tmp_path / "cmp"
+    config = demo_config(tmp_path, demo_chat, data_dir, out, adapter_name_or_path=f"tuned={demo_adapter}",
+                         compare="base,tuned")
+    assert cli_main(["predict", str(config)]) == 0
+    alone_base = tmp_path / "alone-base"
+    assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, alone_base))]) == 0
+    alone_tuned = tmp_path / "alone-tuned"
+    assert cli_main(["predict", str(demo_config(tmp_path, demo_chat, data_dir, alone_tuned,
+                                                adapter_name_or_path=str(demo_adapter)))]) == 0
+    for label, alone in (("base", alone_base), ("tuned", alone_tuned)):
+        assert [r["predict"] for r in lines(out / label)] == [r["predict"] for r in lines(alone)], label
+        assert without_speed(results(out / label)) == without_speed(results(alone))
+    by_model = {label: [r["predict"] for r in lines(out / label)] for label in ("base", "tuned")}
+    assert IDENTITY_ANSWER in by_model["base"] and ADAPTER_IDENTITY_ANSWER in by_model["tuned"]
+    table = json.loads((out / "compare_results.json").read_text())
+    assert list(table) == ["base", "tuned"] and table["base"] == results(out / "base")
+    log = capsys.readouterr().err
+    assert "compare: metric" in log and "predict_bleu-4" in log
+
+
+@pytest.mark.parametrize(("compare", "says"), [
+    ("base,nope", "'nope' is neither base nor one of the adapters (tuned)"),
+])
+def test_compare_names_a_wrong_model(tmp_path: Path, demo_chat: Path, demo_adapter: Path, data_dir: Path,
+                                     compare: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = demo_config(tmp_path, demo_chat, data_dir, tmp_path / "bad", adapter_name_or_path=f"tuned={demo_adapter}",
+                         compare=compare)
+    assert cli_main(["predict", str(config)]) == 2
+    assert says in capsys.readouterr().err
+    no_adapter = demo_config(tmp_path, demo_chat, data_dir, tmp_path / "bad2", compare="base")
+    assert cli_main(["predict", str(no_adapter)]) == 2
+    assert "compare needs adapters to compare" in capsys.readouterr().err

@@ -38,9 +38,10 @@ class RenderedRow:
 
 
 def render_rows(
-    service: ChatService, rows: Sequence[tuple[int, Example]], *, cutoff_len: int
+    service: ChatService, rows: Sequence[tuple[int, Example]], *, cutoff_len: int, adapter: str | None = None
 ) -> tuple[list[RenderedRow], list[BadRow]]:
-    """Prepare ``(position, example)`` pairs with ``service``.
+    """Prepare ``(position, example)`` pairs with ``service``; ``adapter``: the model that answers (a served
+    model's ``adapter``; None: the configured model).
 
     A row the template or media loading refuses is returned as a ``BadRow`` (the caller applies ``on_bad_row``).
     """
@@ -50,7 +51,7 @@ def render_rows(
     bad: list[BadRow] = []
     for position, example in rows:
         try:
-            rendered.append(_render(service, position, example, base, limit))
+            rendered.append(_render(service, position, example, base, limit, adapter))
         except (StokerError, _Unrenderable) as exc:
             reason = exc.message if isinstance(exc, StokerError) else str(exc)
             bad.append(BadRow(example.dataset, example.index, reason.rstrip(".")))
@@ -61,7 +62,8 @@ class _Unrenderable(ValueError):
     pass
 
 
-def _render(service: ChatService, position: int, example: Example, base: SamplingParams, limit: int) -> RenderedRow:
+def _render(service: ChatService, position: int, example: Example, base: SamplingParams, limit: int,
+            adapter: str | None = None) -> RenderedRow:
     for kind in ("videos", "audios"):
         if getattr(example, kind):
             raise _Unrenderable(f"the row has {kind}; Stoker predicts on text and images only")
@@ -73,7 +75,7 @@ def _render(service: ChatService, position: int, example: Example, base: Samplin
         roots = media_roots(service.settings, dataset=True)
         images = [load_image(ref, service.settings, roots=roots) for ref in example.images]
     chat = service.prepare(
-        example.messages, base, tools=example.tools, images=images, max_prompt_tokens=limit,
+        example.messages, base, tools=example.tools, images=images, max_prompt_tokens=limit, adapter=adapter,
         request_id=f"predict-{example.dataset}-{example.index}",
     )
     params = chat.request.params

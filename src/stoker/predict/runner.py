@@ -73,6 +73,10 @@ def run_predict(settings: Settings) -> int:
     """Entry point for the CLI: one process, torchrun's workers, or a launcher of one worker per GPU (or
     ``NPROC_PER_NODE=N``), as ``predict.launch`` decides. The CLI has already checked the config
     (``stoker.preflight``) before calling this."""
+    if settings.compare:
+        from stoker.predict.compare import run_compare
+
+        return run_compare(settings)
     plan = launch_plan(settings)
     if plan.launches:
         lock = lock_output_dir(settings.output_dir or "")  # before any worker starts: a clash is refused at once
@@ -118,8 +122,10 @@ class _Plan:
     lock: OutputDirLock | None = None  # held by the main process, unless a launcher holds it for every worker
 
 
-def predict(settings: Settings, world: World) -> int:
-    """Run this process's share of the predictions; the main process writes the final files. Returns an exit code."""
+def predict(settings: Settings, world: World, *, shared: ChatService | None = None, adapter: str | None = None) -> int:
+    """Run this process's share of the predictions; the main process writes the final files. Returns an exit code.
+    ``shared``: a chat service opened by the caller (Compare runs several predictions on one engine, together) and
+    ``adapter`` the model that answers on it."""
     quiet = not world.is_main and not logger.isEnabledFor(logging.DEBUG)
     level = logger.level
     if quiet:
@@ -137,6 +143,9 @@ def predict(settings: Settings, world: World) -> int:
         def open_and_render() -> tuple[ChatService | None, list[RenderedRow], list[BadRow]]:
             if not mine:
                 return None, [], []
+            if shared is not None:
+                rows, bad = render_rows(shared, mine, cutoff_len=settings.cutoff_len, adapter=adapter)
+                return shared, rows, bad
             pin_gpu(world)
             from stoker.chat import open_chat_service
 
@@ -180,7 +189,7 @@ def predict(settings: Settings, world: World) -> int:
               "crashed. The rows finished so far are saved: run the same command again to resume.", file=sys.stderr)
         return 1
     finally:
-        if service is not None:
+        if service is not None and service is not shared:
             service.close()
         group.close()
         if plan is not None and plan.lock is not None:

@@ -48,7 +48,7 @@ OUTPUT_KEYS = (
     "image_max_pixels", "image_min_pixels", "model_revision", "vllm_maxlen", "vllm_config",
     "quantization_bit", "quantization_method", "quantization_type", "double_quantization", "rope_scaling",
     "flash_attn", "tool_format", "preserve_thinking", "split_special_tokens", "bf16", "fp16", "pure_bf16",
-    "json_schema", "response_format",
+    "json_schema", "response_format", "compare",
 )  # fmt: skip
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".tiktoken")
