@@ -132,6 +132,20 @@ def test_a_real_terminal_edits_recalls_history_and_stops_a_reply(demo_chat: Path
         wait_for("[stopped]")
         keys("/stats", "Enter")
         wait_for("Last reply:")
+        # /retry answers the last message again; /save then /load brings a cleared conversation back.
+        keys("/clear", "Enter")
+        keys("Who are you?", "Enter")
+        wait_for(IDENTITY_ANSWER)
+        keys("/retry", "Enter")
+        wait_for(IDENTITY_ANSWER, count=2)
+        saved = tmp_path / "saved.json"
+        keys(f"/save {saved}", "Enter")
+        wait_for("Saved 2 messages")
+        keys("/clear", "Enter")
+        keys(f"/load {saved}", "Enter")
+        wait_for("Loaded 2 messages")
+        assert json.loads(saved.read_text()) == [{"role": "user", "content": "Who are you?"},
+                                                 {"role": "assistant", "content": IDENTITY_ANSWER}]
         keys("exit", "Enter")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and subprocess.run([tmux, "has-session", "-t", session],

@@ -27,6 +27,7 @@ in the chat:
   /set KEY VALUE       change a sampling key for the rest of the chat: temperature, top_p, top_k,
                        max_new_tokens, repetition_penalty, seed (/set alone lists them)
   /think on|off        a reasoning model's thinking (enable_thinking)
+  /reasoning show|hide show the thinking as it streams, or only the answer
   /stats               tokens and speed of the last reply, and how much of the context the chat uses
   /save FILE           the conversation as OpenAI-style JSON;  /load FILE reads one back
   /exit (or exit)      quit; also Ctrl-D.  Ctrl-C stops a reply, not the chat.

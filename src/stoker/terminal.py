@@ -1,7 +1,8 @@
 """``stoker chat``: a terminal chat that streams replies and keeps the history.
 
 At a terminal, input has line editing and a history kept across sessions (the standard library's ``readline``), role
-labels are coloured and reasoning is dim, and each reply ends with a status line (tokens, tokens/s). Piped, the same
+labels are coloured, replies are drawn as Markdown as they stream (``rich``; code highlighted, reasoning dim), and
+each reply ends with a status line (tokens, tokens/s). Piped, the same
 chat reads one message per line and writes plain text, so it can be scripted. Slash commands (``/help`` lists them)
 never reach the model; ``//text`` sends ``/text``. Ctrl-C stops the current reply, not the program.
 """
@@ -38,6 +39,7 @@ COMMANDS_HELP = """\
 /retry                answer the last message again
 /set KEY VALUE        change a sampling key: temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed
 /think on|off         switch a reasoning model's thinking
+/reasoning show|hide  show the thinking as it streams, or only the answer
 /stats                tokens and speed of the last reply, and how much of the context the chat fills
 /save FILE            write the conversation as OpenAI-style JSON;  /load FILE reads one back
 /exit                 quit (also: exit, Ctrl-D)
@@ -107,11 +109,12 @@ class TerminalChat:
         self.overrides: dict[str, Any] = {}  # /set
         self.thinking: bool | None = None  # /think
         self.last = ReplyStats()
-        self._in_reasoning = False
+        self.show_reasoning = True  # /reasoning: the model's thinking shown or not (it still thinks; see /think)
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "help": self.cmd_help, "clear": self.cmd_clear, "system": self.cmd_system, "image": self.attach_image,
             "retry": self.cmd_retry, "set": self.cmd_set, "think": self.cmd_think, "stats": self.cmd_stats,
-            "save": self.cmd_save, "load": self.cmd_load, "exit": lambda _: True, "quit": lambda _: True,
+            "save": self.cmd_save, "load": self.cmd_load, "reasoning": self.cmd_reasoning,
+            "exit": lambda _: True, "quit": lambda _: True,
         }
 
     def say(self, text: str = "", end: str = "\n") -> None:
@@ -250,6 +253,14 @@ class TerminalChat:
         else:
             self.say(f"Thinking {arg.lower()}.")
 
+    def cmd_reasoning(self, arg: str) -> None:
+        if arg.lower() not in ("show", "hide"):
+            self.say("Usage: /reasoning show|hide")
+            return
+        self.show_reasoning = arg.lower() == "show"
+        self.say(f"Reasoning {'shown' if self.show_reasoning else 'hidden'} (the model still thinks: /think off "
+                 "stops that).")
+
     def cmd_stats(self, _: str) -> None:
         s = self.last
         if not s.tokens:
@@ -340,10 +351,10 @@ class TerminalChat:
                 self.history.pop()
             self.say(self.style.error(f"Error: {exc.message}"))
             return
-        self.say(self.style.assistant("Assistant: "), end="")
+        self.say(self.style.assistant("Assistant: "), end="" if not self.style.on else "\n")
         parser = chat.parser()
         finish, tokens, first = "stop", 0, None
-        self._in_reasoning = False
+        view = self.view()
         started = time.perf_counter()
         stream = service.stream_sync(chat.request)
         stopped = False
@@ -353,22 +364,23 @@ class TerminalChat:
                     first = time.perf_counter() - started
                 tokens += len(delta.token_ids)
                 part = parser.push(delta.text)
-                self.show(part.reasoning, part.content)
+                view.add(part.reasoning, part.content)
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
         except KeyboardInterrupt:
             stream.close()
             stopped = True
-            self.say(" [stopped]", end="")
         except StokerError as exc:
+            view.close()
             self.say(self.style.error(f"\nError: {exc.message}"))
             if text is not None:
                 self.history.pop()
             return
         self.last = ReplyStats(len(chat.request.prompt_ids), tokens, time.perf_counter() - started, first)
         rest, reply = parser.finish(finish)
-        self.show(rest.reasoning, rest.content)
-        self.say()
+        view.add(rest.reasoning, rest.content)
+        view.close()
+        self.say(" [stopped]" if stopped else "")
         if self.style.on:  # at a terminal only: piped transcripts stay exactly the replies
             cut = " (cut at max_new_tokens)" if finish == "length" and not stopped else ""
             self.say(self.style.dim(f"[{tokens} tokens, {self.last.tokens_per_s:.1f} tokens/s{cut}]"))
@@ -377,18 +389,71 @@ class TerminalChat:
             message["reasoning_content"] = reply.reasoning
         self.history.append(message)
 
-    def show(self, reasoning: str, content: str) -> None:
-        """Reasoning as it streams (dim at a terminal, in brackets), then the answer."""
-        if reasoning:
-            if not self._in_reasoning:
+    def view(self) -> ReplyView:
+        if self.style.on:
+            return RichView(self.out, show_reasoning=self.show_reasoning)
+        return PlainView(self.say, self.style, show_reasoning=self.show_reasoning)
+
+
+class ReplyView:
+    """How a streaming reply is drawn: ``add`` each new piece of reasoning and content, then ``close``."""
+
+    def add(self, reasoning: str, content: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class PlainView(ReplyView):
+    """Text as it comes: reasoning in brackets (dim at a terminal without rich), then the answer."""
+
+    def __init__(self, say: Callable[..., None], style: Style, *, show_reasoning: bool):
+        self.say, self.style, self.show_reasoning = say, style, show_reasoning
+        self.in_reasoning = False
+
+    def add(self, reasoning: str, content: str) -> None:
+        if reasoning and self.show_reasoning:
+            if not self.in_reasoning:
                 self.say(self.style.dim("[thinking] "), end="")
-                self._in_reasoning = True
+                self.in_reasoning = True
             self.say(self.style.dim(reasoning), end="")
         if content:
-            if self._in_reasoning:
+            if self.in_reasoning:
                 self.say("\n" + self.style.dim("[answer] "), end="")
-                self._in_reasoning = False
+                self.in_reasoning = False
             self.say(content, end="")
+
+
+class RichView(ReplyView):
+    """At a terminal: the reply drawn as Markdown while it streams (code highlighted), reasoning dim above it."""
+
+    def __init__(self, out: TextIO, *, show_reasoning: bool):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(file=out, highlight=False)
+        self.show_reasoning = show_reasoning
+        self.reasoning, self.content = "", ""
+        self.live = Live(console=self.console, refresh_per_second=12, auto_refresh=False, vertical_overflow="visible")
+        self.live.start()
+
+    def add(self, reasoning: str, content: str) -> None:
+        from rich.console import Group
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        self.reasoning += reasoning
+        self.content += content
+        parts: list[Any] = []
+        if self.reasoning and self.show_reasoning:
+            parts.append(Text(self.reasoning.strip(), style="dim"))
+        if self.content:
+            parts.append(Markdown(self.content, code_theme="monokai"))
+        self.live.update(Group(*parts), refresh=True)
+
+    def close(self) -> None:
+        self.live.stop()
 
 
 def _open_line_history() -> Callable[[], None] | None:
