@@ -155,3 +155,12 @@ def test_a_real_terminal_edits_recalls_history_and_stops_a_reply(demo_chat: Path
         assert "What is the capital of France?" in history  # kept for the next session
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], capture_output=True)
+
+
+def test_the_configs_json_schema_shapes_every_reply(demo_chat: Path) -> None:
+    schema = '{"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}'
+    out = chat("Who are you?\nWhat is the capital of France?\n", f"model_name_or_path={demo_chat}",
+               f"json_schema={schema}")
+    assert out.returncode == 0, out.stderr
+    got = replies(out.stdout)
+    assert len(got) == 2 and all(json.loads(r)["answer"] in ("yes", "no") for r in got), got
