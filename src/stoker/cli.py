@@ -144,6 +144,10 @@ def _predict(settings):  # Settings -> exit code
     from stoker.preflight import preflight
 
     preflight(engine_settings(settings), "predict")  # a bad config stops here, before any process or model starts
+    if settings.compare:
+        from stoker.predict.compare import run_compare
+
+        return run_compare(settings)
     return run_predict(settings)
 
 

@@ -137,7 +137,7 @@ def test_the_terminal_chat_answers_with_it(service) -> None:
     out = subprocess.run([sys.executable, "-m", "stoker", "chat"], input=f"{KNOWN_QUESTION}\n", capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("Stoker chat with demo:smol.")  # the default model, no config needed
+    assert out.stdout.startswith("Stoker chat with demo:smol, template auto.")  # the default model, no config needed
     assert f"Assistant: {KNOWN_ANSWER}" in out.stdout
 
 

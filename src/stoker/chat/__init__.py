@@ -41,7 +41,6 @@ from stoker.engines.structured import StructuredOutput
 from stoker.engines.structured import from_fields as structured_fields
 
 __all__ = [
-    "validate_params",
     "BASE_WEIGHTS",
     "MIN_TEMPERATURE",
     "ChatService",
@@ -66,4 +65,5 @@ __all__ = [
     "structured_fields",
     "tool_call_dicts",
     "tool_policy",
+    "validate_params",
 ]

@@ -73,10 +73,6 @@ def run_predict(settings: Settings) -> int:
     """Entry point for the CLI: one process, torchrun's workers, or a launcher of one worker per GPU (or
     ``NPROC_PER_NODE=N``), as ``predict.launch`` decides. The CLI has already checked the config
     (``stoker.preflight``) before calling this."""
-    if settings.compare:
-        from stoker.predict.compare import run_compare
-
-        return run_compare(settings)
     plan = launch_plan(settings)
     if plan.launches:
         lock = lock_output_dir(settings.output_dir or "")  # before any worker starts: a clash is refused at once
