@@ -219,7 +219,7 @@ def test_predict_answers_every_row_in_the_configs_json_schema(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("keys", "says"), [
     ({"json_schema": "missing.schema.json"}, "json_schema: file not found: missing.schema.json"),
-    ({"json_schema": {"type": "nope"}}, "json_schema: the schema is not valid JSON Schema"),
+    ({"json_schema": {"type": "nope"}}, "json_schema: the schema['type'] is not valid JSON Schema"),
     ({"response_format": "yaml"}, "response_format: type 'yaml' is not one of text, json_object, json_schema"),
     ({"response_format": {"type": "json_schema"}}, "needs json_schema: {schema: ...}"),
     ({"json_schema": {"type": "object"}, "response_format": "json_object"}, "both set: keep one"),
