@@ -71,3 +71,30 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 
 def response_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+def check_sampling_extensions(api: Any, tok: Any) -> tuple[int, Any]:
+    """logit_bias, allowed_token_ids, min_tokens and ignore_eos on a server of the SmolLM2 demo model, as vLLM defines
+    them. Returns the natural reply's length and the min_tokens reply, for a backend's further checks."""
+    plain = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0)
+    first = tok(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
+    banned = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                    logit_bias={str(first): -100})
+    assert tok(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
+    only = tok(" yes", add_special_tokens=False)["input_ids"]
+    allowed = api.completions.create(model="m", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                     extra_body={"allowed_token_ids": only})
+    assert allowed.choices[0].text == " yes" * 4
+    short = api.chat.completions.create(model="m", messages=HI, max_tokens=40, temperature=0)
+    n = short.usage.completion_tokens
+    assert short.choices[0].finish_reason == "stop" and n < 30
+    longer = api.chat.completions.create(model="m", messages=HI, max_tokens=40, temperature=0,
+                                         extra_body={"min_tokens": n + 5})
+    assert longer.usage.completion_tokens >= n + 5
+    endless = api.chat.completions.create(model="m", messages=HI, max_tokens=n + 6, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert endless.choices[0].finish_reason == "length" and endless.usage.completion_tokens == n + 6
+    return n, longer

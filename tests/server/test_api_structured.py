@@ -17,7 +17,7 @@ from api_server import ApiServer, client, start_server, stop_server  # noqa: E40
 
 pytestmark = pytest.mark.slow  # one server process
 
-from structured_cases import ASK, SCHEMAS, response_format  # noqa: E402
+from structured_cases import ASK, SCHEMAS, check_sampling_extensions, response_format  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(demo_smol: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
@@ -116,27 +116,7 @@ def test_a_named_tool_choice_is_decoded_in_its_schema(server: ApiServer) -> None
 def test_sampling_extensions_do_what_vllm_says(server: ApiServer, demo_smol: Path) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(demo_smol)
-    api = client(server)
-    plain = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0)
-    first = tok(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
-    banned = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0,
-                                    logit_bias={str(first): -100})
-    assert tok(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
-    only = tok(" yes", add_special_tokens=False)["input_ids"]
-    allowed = api.completions.create(model="m", prompt="Once upon a time", max_tokens=4, temperature=0,
-                                     extra_body={"allowed_token_ids": only})
-    assert allowed.choices[0].text == " yes" * 4
-    short = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=40,
-                                        temperature=0)
-    n = short.usage.completion_tokens
-    assert short.choices[0].finish_reason == "stop" and n < 30
-    longer = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi."}],
-                                         max_tokens=40, temperature=0, extra_body={"min_tokens": n + 5})
-    assert longer.usage.completion_tokens >= n + 5
-    endless = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi."}],
-                                          max_tokens=n + 6, temperature=0, extra_body={"ignore_eos": True})
-    assert endless.choices[0].finish_reason == "length" and endless.usage.completion_tokens == n + 6
+    check_sampling_extensions(client(server), AutoTokenizer.from_pretrained(demo_smol))
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -19,7 +19,7 @@ pytest.importorskip("xgrammar")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from api_server import ApiServer, client, start_server, stop_server  # noqa: E402
-from structured_cases import ASK, SCHEMAS, response_format  # noqa: E402
+from structured_cases import ASK, HI, SCHEMAS, check_sampling_extensions, response_format  # noqa: E402
 
 from stoker.config import settings_from_dict  # noqa: E402
 from stoker.engines.structured import StructuredOutput  # noqa: E402
@@ -100,28 +100,9 @@ def test_choice_regex_grammar_and_sampling_extensions_equal_huggingface(server: 
         model="m", messages=ask, max_tokens=16, temperature=0,
         extra_body=cases[1][0]).choices[0].message.content)
 
-    tok = hf.tokenizer
-    plain = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0)
-    first = tok(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
-    banned = api.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0,
-                                    logit_bias={str(first): -100})
-    assert tok(banned.choices[0].text, add_special_tokens=False)["input_ids"][0] != first
-    only = tok(" yes", add_special_tokens=False)["input_ids"]
-    allowed = api.completions.create(model="m", prompt="Once upon a time", max_tokens=4, temperature=0,
-                                     extra_body={"allowed_token_ids": only})
-    assert allowed.choices[0].text == " yes" * 4
-    hi = [{"role": "user", "content": "Say hi."}]
-    short = api.chat.completions.create(model="m", messages=hi, max_tokens=40, temperature=0)
-    n = short.usage.completion_tokens
-    assert short.choices[0].finish_reason == "stop" and n < 30
-    longer = api.chat.completions.create(model="m", messages=hi, max_tokens=40, temperature=0,
-                                         extra_body={"min_tokens": n + 5})
-    assert longer.usage.completion_tokens >= n + 5
+    n, longer = check_sampling_extensions(api, hf.tokenizer)
     params = hf.sampling_params(max_new_tokens=40, temperature=0.0, min_tokens=n + 5)
-    assert longer.choices[0].message.content == hf.generate_batch([hf.prepare(hi, params).request])[0].choices[0].text
-    endless = api.chat.completions.create(model="m", messages=hi, max_tokens=n + 6, temperature=0,
-                                          extra_body={"ignore_eos": True})
-    assert endless.choices[0].finish_reason == "length" and endless.usage.completion_tokens == n + 6
+    assert longer.choices[0].message.content == hf.generate_batch([hf.prepare(HI, params).request])[0].choices[0].text
 
 
 def test_a_forced_tool_call_and_bad_constraints_on_vllm(server: ApiServer) -> None:
