@@ -164,3 +164,18 @@ def test_the_configs_json_schema_shapes_every_reply(demo_chat: Path) -> None:
     assert out.returncode == 0, out.stderr
     got = replies(out.stdout)
     assert len(got) == 2 and all(json.loads(r)["answer"] in ("yes", "no") for r in got), got
+
+
+def test_bad_slash_command_arguments_say_what_to_type(demo_chat: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"content": "no role"}]')
+    script = "\n".join(["/think maybe", "/reasoning loud", "/save", "/load", f"/load {broken}",
+                        "/set nucleus 0.5", "/retry", "/stats", "exit"]) + "\n"
+    out = chat(script, f"model_name_or_path={demo_chat}")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    for said in ("Usage: /think on|off", "Usage: /reasoning show|hide", "Usage: /save FILE", "Usage: /load FILE",
+                 f"Error: {broken} is not a conversation: message 0 has no role system, user, assistant or tool.",
+                 "/set takes one of temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed; 'nucleus' "
+                 "is not one of them.", "Nothing to retry yet.", "No reply yet."):
+        assert said in out.stdout, said
+    assert replies(out.stdout) == []
