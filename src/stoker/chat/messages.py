@@ -1,4 +1,5 @@
-"""A conversation as surfaces send it, checked once: roles canonical, content parts flattened, images set aside.
+"""A conversation as surfaces send it, checked once: roles canonical, content parts flattened, images and videos
+set aside.
 
 Every surface's messages pass through ``normalize`` before anything is rendered, so the terminal, the browser, the
 API and predict refuse the same conversations with the same messages.
@@ -10,12 +11,14 @@ from typing import Any
 
 from stoker.errors import TemplateError
 from stoker.media import IMAGE_PLACEHOLDER
+from stoker.media.video import VIDEO_PLACEHOLDER, VideoRef
 from stoker.templates.conversation import canonical_role
 from stoker.templates.types import Message
 
 
 def normalize(messages: list[Message]) -> tuple[list[Message], list[Any]]:
-    """Validate roles and flatten content parts to text; image parts become placeholders plus image refs."""
+    """Validate roles and flatten content parts to text; image and video parts become placeholders plus refs (a
+    video's as ``VideoRef``)."""
     if not messages:
         raise TemplateError("messages is empty: send at least one message with role 'user'.", param="messages")
     out: list[Message] = []
@@ -50,17 +53,23 @@ def _flatten_parts(parts: list[Any], images: list[Any], *, where: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             chunks.append(str(part.get("text", "")))
-        elif kind in ("image_url", "image"):
-            ref = part.get("image_url", part.get("image"))
+        elif kind in ("image_url", "image", "video_url", "video"):
+            noun = kind.removesuffix("_url")
+            ref = part.get(f"{noun}_url", part.get(noun))
             if isinstance(ref, dict):
                 ref = ref.get("url")
             if not ref:
-                raise TemplateError(f"{where}.content[{j}] is an image part without a url.", param="messages")
-            images.append(ref)
-            chunks.append(IMAGE_PLACEHOLDER)
+                raise TemplateError(f"{where}.content[{j}] is {'an' if noun == 'image' else 'a'} {noun} part without "
+                                    "a url.", param="messages")
+            images.append(ref if noun == "image" else VideoRef(ref))
+            chunks.append(IMAGE_PLACEHOLDER if noun == "image" else VIDEO_PLACEHOLDER)
+        elif kind in ("input_audio", "audio_url", "audio"):
+            raise TemplateError(
+                f"{where}.content[{j}] is audio ({kind!r}), which Stoker does not take: no audio-language model is "
+                "supported yet. Send text, images or videos.", param="messages")
         else:
             raise TemplateError(
-                f"{where}.content[{j}] has unsupported type {kind!r}; expected 'text' or 'image_url'.",
+                f"{where}.content[{j}] has unsupported type {kind!r}; expected 'text', 'image_url' or 'video_url'.",
                 param="messages",
             )
     return "".join(chunks)

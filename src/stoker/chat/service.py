@@ -49,6 +49,7 @@ from stoker.engines.base import (
 from stoker.engines.detokenize import decode
 from stoker.engines.structured import StructuredOutput, configured
 from stoker.errors import RequestError
+from stoker.media.video import Video, VideoRef
 from stoker.templates.base import Template
 from stoker.templates.types import Message, ParsedReply, Tool
 
@@ -140,7 +141,8 @@ class ChatService:
         ``tools``: a policy (see ``chat.replies.tool_policy``), or a list of tools the model may call (``auto``).
         ``json_mode``: OpenAI's JSON mode: the system prompt asks for JSON and, unless ``params`` constrain the
         output already, decoding is constrained to one JSON object.
-        ``images``: images beyond the messages' own image parts (a dataset row's), already loaded or trusted.
+        ``images``: images and videos (``VideoRef`` / ``Video``) beyond the messages' own parts (a dataset row's),
+        already loaded or trusted.
         ``max_prompt_tokens``: a longer prompt keeps its end (predict's ``cutoff_len``) instead of being refused.
         ``add_generation_prompt``, ``continue_final_message``, ``template_kwargs``: as vLLM's request fields (see
         ``Template.render``); the reply of a continued message is the continuation only.
@@ -209,8 +211,9 @@ class ChatService:
         media = None
         if images:
             if not self.info.vision:
+                kind = "videos" if any(isinstance(r, (Video, VideoRef)) for r in images) else "images"
                 raise RequestError(
-                    f"the model {self.model_name!r} takes no images: send text only, or serve a vision-language model.",
+                    f"the model {self.model_name!r} takes no {kind}: send text only, or serve a vision-language model.",
                     param="messages",
                 )
             messages, media = self._images.place(messages, images)

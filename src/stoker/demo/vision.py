@@ -317,6 +317,21 @@ def evaluate_vision(model: Any, processor: Any, cases: Sequence[VisionCase]) -> 
     return Score({t: right[t] / total[t] for t in total}, total, failures)
 
 
+def save_published_layout(weights: Path) -> None:
+    """Rename the vision tower's weights to the layout llava-hf's checkpoints have (``vision_tower.vision_model.*``).
+
+    transformers 5 keeps CLIPVisionModel's modules flat and saves them as ``vision_tower.embeddings.*``; it reads
+    both names, but vLLM's loader knows only the published one.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tower, nested = "vision_tower.", "vision_tower.vision_model."
+    state = load_file(str(weights))
+    renamed = {nested + k[len(tower):] if k.startswith(tower) and not k.startswith(nested) else k: v
+               for k, v in state.items()}
+    save_file(renamed, str(weights), metadata={"format": "pt"})
+
+
 def build_vision(out: Path, recipe: VisionRecipe) -> dict[str, Any]:
     """Train the vision model, its tokenizer and processor into ``out``; returns the metrics. Raises
     ``DemoBuildError`` when a task misses the accuracy gate on held-out pictures."""
@@ -348,6 +363,7 @@ def build_vision(out: Path, recipe: VisionRecipe) -> dict[str, Any]:
     log.info("vision: held-out accuracy %s", ", ".join(f"{t} {100 * a:.1f}%" for t, a in score.accuracy.items()))
     check_gate(score, recipe.gate, "the demo vision model")
     model.save_pretrained(out)
+    save_published_layout(out / "model.safetensors")
     processor.save_pretrained(out)
     save_tokenizer(tokenizer, out)  # after the processor: the chat template goes into tokenizer_config.json too
     return {

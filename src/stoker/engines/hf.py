@@ -136,6 +136,7 @@ class HFEngine(ThreadedEngine):
         vision = is_vision_config(model.config)
         # The token a vision model's image features replace; prompts must hold exactly as many as their media fill.
         self._image_token_id = getattr(model.config, "image_token_id", None) if vision else None
+        self._video_token_id = getattr(model.config, "video_token_id", None) if vision else None
         if eos_ids is None:  # a model handed in directly: its own generation config decides, as in generate()
             from stoker.models.facts import eos_token_ids
 
@@ -226,7 +227,8 @@ class HFEngine(ThreadedEngine):
         if self.info.vision:
             from stoker.engines.hf_media import check_prompt_images
 
-            check_prompt_images(prompt, request.media, self._image_token_id, where=where)
+            check_prompt_images(prompt, request.media, self._image_token_id, where=where,
+                                video_token_id=self._video_token_id)
         adapter = self._default_adapter
         if request.adapter is not None and request.adapter != BASE_WEIGHTS:
             if request.adapter not in self._adapters:

@@ -13,25 +13,27 @@ from stoker.errors import RequestError
 
 
 def check_prompt_images(prompt_ids: Sequence[int], media: dict[str, Any] | None, image_token_id: int | None,
-                        *, where: str = "the request") -> None:
-    """The prompt holds exactly the image tokens its media fill; a mismatch would fail the whole batch's forward."""
-    if image_token_id is None:
-        return
-    found = sum(1 for t in prompt_ids if t == image_token_id)
-    wanted = int(media["image_tokens"]) if media else 0
-    if found == wanted:
-        return
-    if not media:
+                        *, where: str = "the request", video_token_id: int | None = None) -> None:
+    """The prompt holds exactly the image (and video) tokens its media fill; a mismatch would fail the whole batch's
+    forward."""
+    for kind, token_id in (("image", image_token_id), ("video", video_token_id)):
+        if token_id is None:
+            continue
+        found = sum(1 for t in prompt_ids if t == token_id)
+        wanted = int((media or {}).get(f"{kind}_tokens") or 0)
+        if found == wanted:
+            continue
+        if not wanted:
+            raise RequestError(
+                f"{where} holds {found} {kind} token{'s' if found != 1 else ''} but no {kind}: send {kind}s as "
+                f"{kind}_url content parts rather than writing <{kind}> (or the model's {kind} token) in the text.",
+                param="messages",
+            )
         raise RequestError(
-            f"{where} holds {found} image token{'s' if found != 1 else ''} but no image: send images as image_url "
-            "content parts rather than writing <image> (or the model's image token) in the text.",
+            f"{where} holds {found} {kind} tokens where its {kind}s need {wanted}: the prompt was cut or the chat "
+            "template dropped a placeholder; shorten the conversation or check the template.",
             param="messages",
         )
-    raise RequestError(
-        f"{where} holds {found} image tokens where its images need {wanted}: the prompt was cut or the chat template "
-        "dropped a placeholder; shorten the conversation or check the template.",
-        param="messages",
-    )
 
 
 def prefill_inputs(
@@ -57,11 +59,14 @@ def prefill_inputs(
         extra[key] = value.to(dtype) if value.is_floating_point() else value
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(core, "model", None)
-    if "image_grid_thw" in extra and hasattr(inner, "get_rope_index"):
-        image_id = core.config.image_token_id
-        kinds = (input_ids == image_id).to(torch.int)
-        positions, deltas = inner.get_rope_index(
-            input_ids, mm_token_type_ids=kinds, image_grid_thw=extra["image_grid_thw"], attention_mask=attention_mask
-        )
+    grids = {k: extra[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in extra}
+    if ("image_grid_thw" in grids or "video_grid_thw" in grids) and hasattr(inner, "get_rope_index"):
+        # Token types as the model's processor marks them: text 0, image 1, video 2.
+        kinds = (input_ids == core.config.image_token_id).to(torch.int)
+        video_id = getattr(core.config, "video_token_id", None)
+        if video_id is not None:
+            kinds = kinds + 2 * (input_ids == video_id).to(torch.int)
+        positions, deltas = inner.get_rope_index(input_ids, mm_token_type_ids=kinds, attention_mask=attention_mask,
+                                                 **grids)
         return extra, positions, deltas.reshape(-1).to(device)
     return extra, position_ids, None

@@ -60,6 +60,9 @@ def import_vllm() -> Any:
     # vLLM configures its logging on import: INFO lines on stdout would mix with chat output and JSON results.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from stoker.engines.vllm_plugin import register
+
+    register()  # vLLM's own processes get it through the entry point; this one may import vLLM's models first
     try:
         import vllm
     except ImportError as exc:
@@ -403,6 +406,8 @@ class VLLMEngine(ThreadedEngine):
                 continue
             completion = out.outputs[0]
             deltas = by_request.setdefault(req.uid, (req, []))[1]
+            if out.prompt_token_ids:  # as the model saw it: vLLM's processor expanded each image placeholder
+                choice.out.prompt_tokens = len(out.prompt_token_ids)
             if getattr(out, "prompt_logprobs", None) and req.params.prompt_logprobs is not None:
                 k_prompt = req.params.prompt_logprobs
                 choice.out.prompt_logprobs = [

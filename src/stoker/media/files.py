@@ -21,14 +21,16 @@ def media_roots(settings: Settings, *, dataset: bool = False) -> list[Path]:
 
 
 def read_file(
-    path: str, settings: Settings, *, local_ok: bool, roots: Sequence[str | os.PathLike[str]] | None
+    path: str, settings: Settings, *, local_ok: bool, roots: Sequence[str | os.PathLike[str]] | None,
+    kind: str = "image",
 ) -> bytes:
-    file = resolve_local_path(path, settings, local_ok=local_ok, roots=roots)
+    """The bytes of an image (or a video: ``kind``) file that may be read, within its ``{kind}_max_bytes``."""
+    file = resolve_local_path(path, settings, local_ok=local_ok, roots=roots, kind=kind)
     size = file.stat().st_size
-    check_size(size, settings, f"image file {path!r}")
+    check_size(size, settings, f"{kind} file {path!r}", kind)
     with file.open("rb") as fh:
-        data = fh.read(settings.image_max_bytes + 1)  # the file may have grown since stat
-    check_size(len(data), settings, f"image file {path!r}")
+        data = fh.read(getattr(settings, f"{kind}_max_bytes") + 1)  # the file may have grown since stat
+    check_size(len(data), settings, f"{kind} file {path!r}", kind)
     return data
 
 
@@ -38,18 +40,19 @@ def resolve_local_path(
     *,
     local_ok: bool = False,
     roots: Sequence[str | os.PathLike[str]] | None = None,
+    kind: str = "image",
 ) -> Path:
     """The real file ``path`` names, if it may be read; raises ``MediaError`` otherwise."""
     given = Path(path).expanduser() if local_ok else Path(path)
     if local_ok:
         if given.is_file():
             return given
-        raise MediaError(f"image file {path!r} not found.", param="messages")
+        raise MediaError(f"{kind} file {path!r} not found.", param="messages")
     allowed = [Path(r).resolve() for r in (media_roots(settings) if roots is None else roots)]
     if not allowed:
         raise MediaError(
-            f"local image paths are not allowed here ({short(path)!r}): send the image as a data: URL or an http(s) "
-            "URL, or set media_dir to a folder whose images may be read.",
+            f"local {kind} paths are not allowed here ({short(path)!r}): send the {kind} as a data: URL or an http(s) "
+            f"URL, or set media_dir to a folder whose {kind}s may be read.",
             param="messages",
         )
     candidates = [given] if given.is_absolute() else [root / given for root in allowed]
@@ -62,9 +65,9 @@ def resolve_local_path(
     inside = [c for c in candidates if any(c.resolve().is_relative_to(root) for root in allowed)]
     if not inside:
         raise MediaError(
-            f"image file {path!r} is outside the allowed media folder ({', '.join(str(r) for r in allowed)}).",
+            f"{kind} file {path!r} is outside the allowed media folder ({', '.join(str(r) for r in allowed)}).",
             param="messages",
         )
     raise MediaError(
-        f"image file {path!r} not found in the media folder ({', '.join(str(r) for r in allowed)}).", param="messages"
+        f"{kind} file {path!r} not found in the media folder ({', '.join(str(r) for r in allowed)}).", param="messages"
     )

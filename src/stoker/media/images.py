@@ -99,10 +99,11 @@ def fit_pixels(image: Any, min_pixels: int, max_pixels: int) -> Any:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def check_size(size: int, settings: Settings, what: str) -> None:
-    if size > settings.image_max_bytes:
+def check_size(size: int, settings: Settings, what: str, kind: str = "image") -> None:
+    limit = getattr(settings, f"{kind}_max_bytes")
+    if size > limit:
         raise MediaError(
-            f"{what} is {size:,} bytes, over the image_max_bytes limit of {settings.image_max_bytes:,} bytes.",
+            f"{what} is {size:,} bytes, over the {kind}_max_bytes limit of {limit:,} bytes.",
             param="messages",
         )
     if size == 0:

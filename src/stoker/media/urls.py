@@ -26,30 +26,30 @@ from stoker.media.images import check_size, short
 MAX_REDIRECTS = 3
 
 
-def check_address(ip: str, settings: Settings) -> None:
+def check_address(ip: str, settings: Settings, kind: str = "image") -> None:
     """Refuse addresses a server should not fetch from on a client's behalf (SSRF)."""
     address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     local = address.is_loopback or address.is_link_local
     if address.is_unspecified or address.is_multicast or (address.is_reserved and not local):
-        raise MediaError(f"the image URL points to {ip}, which is not a public address.", param="messages")
+        raise MediaError(f"the {kind} URL points to {ip}, which is not a public address.", param="messages")
     if (local or not address.is_global) and not settings.allow_private_urls:
         raise MediaError(
-            f"the image URL points to {ip}, a private or loopback address; set allow_private_urls: true to allow it.",
+            f"the {kind} URL points to {ip}, a private or loopback address; set allow_private_urls: true to allow it.",
             param="messages",
         )
 
 
-def _resolve(host: str, port: int, settings: Settings) -> str:
+def _resolve(host: str, port: int, settings: Settings, kind: str) -> str:
     """One checked address for ``host``; every address it resolves to must pass, so none can be chosen later."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise MediaError(f"cannot resolve the image URL host {host!r}.", param="messages") from None
+        raise MediaError(f"cannot resolve the {kind} URL host {host!r}.", param="messages") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for ip in addresses:
-        check_address(ip, settings)
+        check_address(ip, settings, kind)
     return addresses[0]
 
 
@@ -100,28 +100,29 @@ class _Cutoff:
         self._timer.cancel()
 
 
-def fetch_url(url: str, settings: Settings, *, timeout: float | None = None) -> bytes:
-    """GET an image over http(s): public hosts only (see ``check_address``), bounded size, time and redirects.
+def fetch_url(url: str, settings: Settings, *, timeout: float | None = None, kind: str = "image") -> bytes:
+    """GET an image (or a video: ``kind``) over http(s): public hosts only (see ``check_address``), bounded size,
+    time and redirects.
 
     ``timeout``: seconds for the whole fetch, redirects included (default ``image_fetch_timeout``)."""
     timeout = settings.image_fetch_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
     timed_out = MediaError(
-        f"fetching the image URL took longer than {timeout:g} s (image_fetch_timeout): the server is slow or "
-        "unreachable; send the image as a data: URL instead.", param="messages")
+        f"fetching the {kind} URL took longer than {timeout:g} s (image_fetch_timeout): the server is slow or "
+        f"unreachable; send the {kind} as a data: URL instead.", param="messages")
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise MediaError(f"the image URL redirects to an unsupported scheme {scheme!r}.", param="messages")
+            raise MediaError(f"the {kind} URL redirects to an unsupported scheme {scheme!r}.", param="messages")
         host = parts.hostname
         if not host:
-            raise MediaError(f"the image URL {short(url)!r} has no host.", param="messages")
+            raise MediaError(f"the {kind} URL {short(url)!r} has no host.", param="messages")
         try:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise MediaError(f"the image URL {short(url)!r} has an invalid port.", param="messages") from None
-        ip = _resolve(host, port, settings)
+            raise MediaError(f"the {kind} URL {short(url)!r} has an invalid port.", param="messages") from None
+        ip = _resolve(host, port, settings, kind)
         left = deadline - time.monotonic()
         if left <= 0:
             raise timed_out
@@ -130,31 +131,32 @@ def fetch_url(url: str, settings: Settings, *, timeout: float | None = None) -> 
         cutoff = _Cutoff(conn, left)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            conn.request("GET", target, headers={"User-Agent": "stoker", "Accept": "image/*"})
+            conn.request("GET", target, headers={"User-Agent": "stoker", "Accept": f"{kind}/*"})
             response = conn.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urljoin(url, response.getheader("Location"))
                 continue
             if response.status != 200:
-                raise MediaError(f"fetching the image URL failed: HTTP {response.status}.", param="messages")
+                raise MediaError(f"fetching the {kind} URL failed: HTTP {response.status}.", param="messages")
             length = response.getheader("Content-Length")
             if length and length.isdigit():
-                check_size(int(length), settings, f"the image at {short(url)}")
-            data = _read_bounded(response, settings, url)
+                check_size(int(length), settings, f"the {kind} at {short(url)}", kind)
+            data = _read_bounded(response, settings, url, kind)
             if cutoff.fired:
                 raise timed_out
             return data
         except (OSError, http.client.HTTPException) as exc:
             if cutoff.fired or isinstance(exc, TimeoutError):
                 raise timed_out from None
-            raise MediaError(f"fetching the image URL failed: {exc}.", param="messages") from None
+            raise MediaError(f"fetching the {kind} URL failed: {exc}.", param="messages") from None
         finally:
             cutoff.cancel()
             conn.close()
-    raise MediaError(f"the image URL redirects more than {MAX_REDIRECTS} times.", param="messages")
+    raise MediaError(f"the {kind} URL redirects more than {MAX_REDIRECTS} times.", param="messages")
 
 
-def _read_bounded(response: Any, settings: Settings, url: str) -> bytes:
+def _read_bounded(response: Any, settings: Settings, url: str, kind: str) -> bytes:
+    limit = getattr(settings, f"{kind}_max_bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -162,9 +164,9 @@ def _read_bounded(response: Any, settings: Settings, url: str) -> bytes:
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > settings.image_max_bytes:
+        if size > limit:
             raise MediaError(
-                f"the image at {short(url)} is over the image_max_bytes limit of {settings.image_max_bytes:,} bytes.",
+                f"the {kind} at {short(url)} is over the {kind}_max_bytes limit of {limit:,} bytes.",
                 param="messages",
             )
         chunks.append(chunk)

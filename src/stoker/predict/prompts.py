@@ -64,16 +64,19 @@ class _Unrenderable(ValueError):
 
 def _render(service: ChatService, position: int, example: Example, base: SamplingParams, limit: int,
             adapter: str | None = None) -> RenderedRow:
-    for kind in ("videos", "audios"):
-        if getattr(example, kind):
-            raise _Unrenderable(f"the row has {kind}; Stoker predicts on text and images only")
-    images: list[object] = list(example.images)
+    if example.audios:
+        raise _Unrenderable("the row has audios, which Stoker does not take: no audio-language model is supported yet")
+    from stoker.media.video import VideoRef
+
+    images: list[object] = [*example.images, *(VideoRef(ref) for ref in example.videos)]
     if images and service.info.vision:  # (a text-only model refuses them in prepare)
         from stoker.media import load_image, media_roots
+        from stoker.media.video import load_video
 
-        # Dataset images are read from dataset_dir as well as media_dir; the chat surfaces allow media_dir only.
+        # Dataset media are read from dataset_dir as well as media_dir; the chat surfaces allow media_dir only.
         roots = media_roots(service.settings, dataset=True)
         images = [load_image(ref, service.settings, roots=roots) for ref in example.images]
+        images += [load_video(ref, service.settings, roots=roots) for ref in example.videos]
     chat = service.prepare(
         example.messages, base, tools=example.tools, images=images, max_prompt_tokens=limit, adapter=adapter,
         request_id=f"predict-{example.dataset}-{example.index}",

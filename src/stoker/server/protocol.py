@@ -46,7 +46,26 @@ class ImagePart(_Request):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Request):
+    url: str
+
+
+class VideoPart(_Request):
+    """LLaMA-Factory's and vLLM's video part (not in OpenAI's API)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class AudioPart(_Request):
+    """OpenAI's audio parts: accepted here so that the refusal names them (no audio model is supported)."""
+
+    type: Literal["input_audio", "audio_url"]
+    input_audio: dict[str, Any] | None = None
+    audio_url: dict[str, Any] | None = None
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
 
 
 class FunctionCallIn(_Request):

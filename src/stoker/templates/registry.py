@@ -66,6 +66,8 @@ QWEN = Layout(
     tool_open="<|im_start|>user",
     tool_close="<|im_end|>\n",
 )
+# One image in a Qwen-VL prompt, before the processor expands <|image_pad|> to the image's tokens.
+QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 GEMMA = Layout(
     prefix="{bos}",
     system=None,
@@ -327,7 +329,7 @@ def _build() -> dict[str, ChatTemplate]:
             "qwen2_vl", QWEN,
             description="Qwen2-VL / Qwen2.5-VL (ChatML with <|vision_start|><|image_pad|><|vision_end|>)",
             default_system="You are a helpful assistant.", stop_words=["<|im_end|>"], tool_format="qwen",
-            eos="<|im_end|>", image_token="<|vision_start|><|image_pad|><|vision_end|>",
+            eos="<|im_end|>", image_token=QWEN_VL_IMAGE,
             official=[Official("qwen2-vl.jinja", deviations={
                 "tools": "the Qwen2-VL template has no tool format; Stoker uses Qwen2.5's Hermes format",
                 "tool_calls": "the Qwen2-VL template has no tool format; Stoker uses Qwen2.5's Hermes format"})],
@@ -344,6 +346,18 @@ def _build() -> dict[str, ChatTemplate]:
             "qwen3_nothink", QWEN,
             description="Qwen3 instruct models without reasoning (e.g. Qwen3-*-Instruct-2507)",
             stop_words=["<|im_end|>"], tool_format="qwen3", eos="<|im_end|>",
+        ),
+        # Qwen3-VL: Qwen3's layouts with the Qwen-VL image text (LLaMA-Factory's qwen3_vl and qwen3_vl_nothink).
+        Qwen3Template(
+            "qwen3_vl", QWEN,
+            description="Qwen3-VL Thinking models (Qwen3 with reasoning, <|vision_start|><|image_pad|><|vision_end|>)",
+            stop_words=["<|im_end|>"], tool_format="qwen3", thinking=Thinking(), eos="<|im_end|>",
+            image_token=QWEN_VL_IMAGE,
+        ),
+        ChatTemplate(
+            "qwen3_vl_nothink", QWEN,
+            description="Qwen3-VL Instruct models (ChatML, no default system, Qwen-VL image tokens)",
+            stop_words=["<|im_end|>"], tool_format="qwen3", eos="<|im_end|>", image_token=QWEN_VL_IMAGE,
         ),
         _chatml("yi", "Yi / Yi-1.5 chat (plain ChatML)",
                 official=[no_tool_format("yi-chat.jinja")]),
