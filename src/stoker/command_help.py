@@ -23,6 +23,7 @@ in the chat:
   /help                this list          /clear (or clear)    forget the conversation
   /system TEXT         set the system prompt (empty: clear it)
   /image PATH          attach an image to the next message (vision models)
+  /video PATH          attach a video to the next message (Qwen-VL models)
   /retry               answer the last message again
   /set KEY VALUE       change a sampling key for the rest of the chat: temperature, top_p, top_k,
                        max_new_tokens, repetition_penalty, seed (/set alone lists them)

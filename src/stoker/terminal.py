@@ -36,6 +36,7 @@ COMMANDS_HELP = """\
 /clear                forget the conversation (also: clear)
 /system TEXT          set the system prompt; /system alone clears it
 /image PATH           attach an image to the next message (vision models)
+/video PATH           attach a video to the next message (Qwen-VL models)
 /retry                answer the last message again
 /set KEY VALUE        change a sampling key: temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed
 /think on|off         switch a reasoning model's thinking
@@ -105,13 +106,14 @@ class TerminalChat:
         self.style = Style.for_stream(stdout)
         self.history: list[dict[str, Any]] = []
         self.system: str | None = None
-        self.pending_images: list[Any] = []  # loaded PIL images
+        self.pending_media: list[Any] = []  # loaded PIL images and media.video.Video clips
         self.overrides: dict[str, Any] = {}  # /set
         self.thinking: bool | None = None  # /think
         self.last = ReplyStats()
         self.show_reasoning = True  # /reasoning: the model's thinking shown or not (it still thinks; see /think)
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "help": self.cmd_help, "clear": self.cmd_clear, "system": self.cmd_system, "image": self.attach_image,
+            "video": self.attach_video,
             "retry": self.cmd_retry, "set": self.cmd_set, "think": self.cmd_think, "stats": self.cmd_stats,
             "save": self.cmd_save, "load": self.cmd_load, "reasoning": self.cmd_reasoning,
             "exit": lambda _: True, "quit": lambda _: True,
@@ -200,7 +202,7 @@ class TerminalChat:
 
     def cmd_clear(self, _: str) -> None:
         self.history.clear()
-        self.pending_images.clear()
+        self.pending_media.clear()
         self.say("History cleared.")
 
     def cmd_system(self, arg: str) -> None:
@@ -305,32 +307,47 @@ class TerminalChat:
             return
         self.system = next((m["content"] for m in messages if m["role"] == "system"), None)
         self.history = [m for m in messages if m["role"] != "system"]
-        self.pending_images.clear()
+        self.pending_media.clear()
         self.say(f"Loaded {len(self.history)} messages from {path}.")
 
     def attach_image(self, path: str) -> None:
-        if not self.service.info.vision:
-            self.say(f"Error: the model {self.service.model_name} takes no images.")
+        self._attach(path, "image")
+
+    def attach_video(self, path: str) -> None:
+        self._attach(path, "video")
+
+    def _attach(self, path: str, kind: str) -> None:
+        processor = self.service.processor
+        takes = getattr(processor, "takes_videos", False) and self.service.info.expands_images if kind == "video" \
+            else self.service.info.vision
+        if not takes:
+            self.say(f"Error: the model {self.service.model_name} takes no {kind}s.")
             return
         if not path:
-            self.say("Usage: /image PATH")
+            self.say(f"Usage: /{kind} PATH")
             return
         from stoker.media import load_image
+        from stoker.media.video import load_video
 
         try:
-            image = load_image(path, self.service.settings, local_ok=True)
+            load = load_image if kind == "image" else load_video
+            media = load(path, self.service.settings, local_ok=True)
         except StokerError as exc:
             self.say(f"Error: {exc.message}")
             return
-        self.pending_images.append(image)  # loaded here: the chat service treats path strings as untrusted
-        self.say(f"Image attached: {path}")
+        self.pending_media.append(media)  # loaded here: the chat service treats path strings as untrusted
+        self.say(f"{kind.capitalize()} attached: {path}")
 
     # --- replies ----------------------------------------------------------------------------------------------------
     def user_message(self, text: str) -> dict[str, Any]:
-        if not self.pending_images:
+        if not self.pending_media:
             return {"role": "user", "content": text}
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": p}} for p in self.pending_images]
-        self.pending_images = []
+        from stoker.media.video import Video
+
+        parts: list[dict[str, Any]] = [
+            {"type": "video_url", "video_url": {"url": m}} if isinstance(m, Video)
+            else {"type": "image_url", "image_url": {"url": m}} for m in self.pending_media]
+        self.pending_media = []
         return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
     def answer(self, text: str | None) -> None:
@@ -482,10 +499,12 @@ def _open_line_history() -> Callable[[], None] | None:
 
 
 def _saveable(message: dict[str, Any]) -> dict[str, Any]:
-    """A history message as JSON: attached images are loaded pictures, saved as a note in their place."""
+    """A history message as JSON: attached images and videos are loaded media, saved as a note in their place."""
     content = message.get("content")
     if isinstance(content, list):
-        content = [p if p.get("type") == "text" else {"type": "text", "text": "[image]"} for p in content]
+        notes = {"image_url": "[image]", "video_url": "[video]"}
+        content = [p if p.get("type") == "text" else {"type": "text", "text": notes.get(p.get("type"), "[media]")}
+                   for p in content]
         message = {**message, "content": content}
     return message
 

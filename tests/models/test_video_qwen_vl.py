@@ -275,3 +275,23 @@ def test_predict_runs_the_shared_mllm_video_demo_and_refuses_audio(qwen_vl_model
     assert done.returncode == 2
     assert "row 0: the row has audios, which Stoker does not take: no audio-language model is supported yet" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_terminal_chat_video_command(qwen_vl_models: dict[str, Path], demo_vision: Path, clips: Path,
+                                     tmp_path: Path) -> None:
+    def chat(model: Path, stdin: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stoker", "chat", f"model_name_or_path={model}", *extra],
+                              input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    clip = clips / "4.mp4"
+    out = chat(qwen_vl_models["qwen2_vl"], f"/video {clip}\nWhat is she doing?\n/video {clips / 'none.mp4'}\n"
+               f"/save {tmp_path / 'saved.json'}\nexit\n", "template=qwen2_vl", "max_new_tokens=4", "video_max_pixels=4096")
+    assert out.returncode == 0, out.stderr
+    assert f"Video attached: {clip}" in out.stdout
+    assert f"Error: video file {str(clips / 'none.mp4')!r} not found." in out.stdout
+    assert sum(line.startswith("Assistant: ") for line in out.stdout.splitlines()) == 1
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert saved[0]["content"][0] == {"type": "text", "text": "[video]"}
+    out = chat(demo_vision, f"/video {clip}\nexit\n")
+    assert out.returncode == 0, out.stderr
+    assert f"Error: the model {demo_vision.name} takes no videos." in out.stdout

@@ -27,14 +27,6 @@ from stoker.media.video import VIDEO_PLACEHOLDER, Video, VideoRef, load_video
 from stoker.templates.base import Template
 from stoker.templates.types import Message
 
-# Placeholder text (before expansion), by processor class, where it is not the processor's image token alone.
-PROCESSOR_PLACEHOLDERS = {
-    "Qwen2VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
-    "Qwen2_5_VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
-    "Qwen3VLProcessor": "<|vision_start|><|image_pad|><|vision_end|>",
-}
-
-
 def place_placeholders(messages: list[Message], count: int, placeholder: str = IMAGE_PLACEHOLDER,
                        kind: str = "image") -> list[Message]:
     """Check the ``<image>`` (``<video>``) placeholders match ``count`` images (videos); with none, put them all at
@@ -60,13 +52,13 @@ def model_placeholder(processor: Any, template: Template | None = None) -> str:
     template family's (``Template.image_token``), else the processor's."""
     if template is not None and template.image_token:
         return template.image_token
-    own = getattr(processor, "placeholder", None)
-    return own or PROCESSOR_PLACEHOLDERS.get(type(processor).__name__, processor.image_token)
+    return getattr(processor, "placeholder", None) or processor.image_token  # Qwen-VL's: models.qwen_vl
 
 
 @dataclass(frozen=True)
 class ImagePrompter:
-    """Puts a conversation's images into its prompt, for one model (its processor, template and tokenizer)."""
+    """Puts a conversation's images and videos into its prompt, for one model (its processor, template and
+    tokenizer)."""
 
     settings: Settings
     processor: Any

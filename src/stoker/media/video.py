@@ -59,10 +59,10 @@ def load_video(
     ref: Any, settings: Settings, *, local_ok: bool = False, roots: Sequence[str | os.PathLike[str]] | None = None
 ) -> Video:
     """The sampled, scaled frames of ``ref`` (a ``Video``, a ``VideoRef`` or any reference ``media_bytes`` takes)."""
-    if isinstance(ref, Video):
-        return ref
     if isinstance(ref, VideoRef):
         ref = ref.ref
+    if isinstance(ref, Video):
+        return ref
     data, what = media_bytes(ref, settings, "video", local_ok=local_ok, roots=roots)
     return decode_video(data, settings, what=what)
 
