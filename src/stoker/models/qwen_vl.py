@@ -29,6 +29,7 @@ class PilQwenVLProcessor:
     image_token: str = "<|image_pad|>"
     video_token: str = "<|video_pad|>"
     placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in the prompt, before expansion
+    takes_videos = True  # (other processors lack it: the chat service refuses videos for them)
 
     @property
     def image_token_id(self) -> int:
@@ -37,8 +38,6 @@ class PilQwenVLProcessor:
     @property
     def video_token_id(self) -> int:
         return int(self.tokenizer.convert_tokens_to_ids(self.video_token))
-
-    takes_videos = True
 
     def replace_image_token(self, inputs: dict[str, Any], index: int) -> str:
         return self.image_token * self._merged(inputs["image_grid_thw"][index])
@@ -56,7 +55,7 @@ class PilQwenVLProcessor:
         temporal = int(self.image_processor.temporal_patch_size)
         times = list(video.timestamps) or [i / video.fps for i in range(len(video.frames))]
         times += [times[-1]] * (-len(times) % temporal)
-        per_patch = self.video_token * (int(grid[1:].prod()) // self.image_processor.merge_size ** 2)
+        per_patch = self.video_token * self._merged(grid[1:])
         return "".join(f"<{(times[i] + times[i + temporal - 1]) / 2:.1f} seconds><|vision_start|>{per_patch}"
                        "<|vision_end|>" for i in range(0, len(times), temporal))
 
