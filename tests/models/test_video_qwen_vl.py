@@ -230,7 +230,8 @@ def test_api_takes_video_url_parts_and_refuses_bad_media(server: Any, clips: Pat
         "http://127.0.0.1:9/clip.mp4":
             "the video URL points to 127.0.0.1, a private or loopback address; set allow_private_urls: true to "
             "allow it.",
-        "../secret.mp4": f"video file '../secret.mp4' is outside the allowed media folder ({clips}).",
+        # (the folder as resolved: shared/ may be reached through a symlink)
+        "../secret.mp4": f"video file '../secret.mp4' is outside the allowed media folder ({clips.resolve()}).",
         "data:video/mp4;base64," + base64.b64encode(b"not a video").decode():
             "the data: URL video is not a video in a format FFmpeg reads (MP4, AVI, MKV, WEBM, ...).",
         "data:image/png;base64,AAAA": "the data: URL has media type 'image/png'; a video needs video/<type>.",
