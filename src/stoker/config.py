@@ -87,7 +87,7 @@ class Settings:
     max_num_seqs: int = 64  # requests batched together
     max_batch_tokens: int = 65536  # prompt + new tokens of all running requests
     max_queue: int = 256  # waiting requests beyond this get HTTP 429
-    cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # oneDNN with prepacked weights on CPU (engines.cpu_linear)
+    cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # faster float32 linears on CPU (engines.cpu_linear)
     torch_threads: int = 0  # torch's CPU threads for the huggingface backend; 0: OMP_NUM_THREADS, else the physical cores
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096

@@ -83,8 +83,9 @@ class HFEngine(ThreadedEngine):
     - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
     - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
     - ``max_prefill_tokens``: padded prompt tokens per prefill forward (several forwards when more join at once).
-    - ``cpu_matmul``: ``auto``, ``packed`` or ``stock``: whether a CPU model's linear layers run on oneDNN with
-      prepacked weights inside the engine (``engines.cpu_linear``).
+    - ``cpu_matmul``: ``auto``, ``packed`` or ``stock``: whether a CPU model's float32 linear layers take the faster
+      paths of ``engines.cpu_linear`` inside the engine (packed oneDNN weights for several rows, a single row split
+      across the threads).
 
     A request bigger than a budget on its own still runs, alone, when the batch is empty.
     """
@@ -158,9 +159,9 @@ class HFEngine(ThreadedEngine):
         self._torch = torch
         self._packed = None
         if self.device.type == "cpu":
-            from stoker.engines.cpu_linear import PackedLinears
+            from stoker.engines.cpu_linear import CpuLinears
 
-            self._packed = PackedLinears.install(model, cpu_matmul)
+            self._packed = CpuLinears.install(model, cpu_matmul)
 
         self._uids = itertools.count()
         self._cond = threading.Condition()
