@@ -9,9 +9,13 @@ serves three runs, interleaved ``--repeats`` times so that drift in a shared mac
 
 - ``generate``: plain ``model.generate`` (greedy, exactly ``--new-tokens`` tokens), the baseline;
 - ``engine_stock``: ``HFEngine`` with ``cpu_matmul: stock`` (the engine's own per-step cost on stock kernels);
-- ``engine``: ``HFEngine`` with the default ``cpu_matmul: auto`` (``engines/cpu_linear.py``).
+- ``engine``: ``HFEngine`` with the default ``cpu_matmul: auto`` (``engines/cpu_linear.py``);
+- ``engine_int8``, ``engine_int4``: ``cpu_matmul: int8`` / ``int4`` (``engines/cpu_quant.py``), each on its own copy
+  of the model, since they quantize its weights in place. Their bandwidth share counts the bytes they read.
 
-Greedy tokens of both engines are checked against ``generate``'s. Prints ONE JSON line.
+Greedy tokens of the float32 engines are checked against ``generate``'s; those of a quantized engine against
+``generate`` on the same quantized model inside the same kernels, and how many leading tokens agree with float32 is
+reported. Prints ONE JSON line.
 
     python bench/bench_single_stream.py [--new-tokens 64] [--repeats 3] [--threads N] [--model DIR]
 """
@@ -58,6 +62,25 @@ def weight_bytes_per_token(model) -> int:
     return total + (embedding.numel() * embedding.element_size() if tied else row)
 
 
+def quantized_bytes_per_token(model) -> int:
+    """What a quantized decode step reads: a quantized layer's integers and scales instead of its float32 weight (the
+    float32 copy is still held, for prefills, but a small step does not read it), plus one embedding row."""
+    from stoker.engines.cpu_linear import quantized_weight
+
+    embedding = model.get_input_embeddings().weight
+    total = embedding.shape[1] * embedding.element_size()
+    seen = {id(embedding)}
+    for module in model.modules():
+        quant = quantized_weight(module)
+        for name, p in module.named_parameters(recurse=False):
+            if quant is not None and name == "weight":
+                total += quant.data.numel() * quant.data.element_size() + quant.scales.numel() * 2
+            elif id(p) not in seen:
+                total += p.numel() * p.element_size()
+            seen.add(id(p))
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -73,6 +96,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stoker.engines.base import GenerationRequest, SamplingParams
+    from stoker.engines.cpu_linear import CpuLinears
     from stoker.engines.hf import HFEngine
 
     if args.model:
@@ -88,11 +112,11 @@ def main() -> None:
         prompt = list(prompt["input_ids"])
     new = args.new_tokens
 
-    def generate() -> tuple[float, list[int]]:
+    def generate(on: object = model) -> tuple[float, list[int]]:
         ids = torch.tensor([prompt])
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+            out = on.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                                  min_new_tokens=new, pad_token_id=tokenizer.pad_token_id or 0)
         tokens = out[0, len(prompt):].tolist()
         return len(tokens) / (time.perf_counter() - started), tokens
@@ -110,10 +134,22 @@ def main() -> None:
 
     engines = {"engine_stock": HFEngine(model, tokenizer, cpu_matmul="stock"),
                "engine": HFEngine(model, tokenizer, cpu_matmul="auto")}
+    references: dict[str, list[int]] = {}
+    read: dict[str, int] = {}
+    leading: dict[str, int] = {}
+    reference = generate()[1]  # also the warm-up
+    for mode in ("int8", "int4"):
+        copy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        linears = CpuLinears.install(copy, mode)  # the engine below reuses these forwards
+        with linears.active():
+            references[f"engine_{mode}"] = generate(copy)[1]
+        engines[f"engine_{mode}"] = HFEngine(copy, tokenizer, cpu_matmul=mode)
+        read[f"engine_{mode}"] = quantized_bytes_per_token(copy)
+        leading[f"engine_{mode}"] = next(
+            (i for i, (a, b) in enumerate(zip(reference, references[f"engine_{mode}"])) if a != b), new)
     rates: dict[str, list[float]] = {"generate": [], **{name: [] for name in engines}}
     same: dict[str, bool] = {}
     try:
-        reference = generate()[1]  # also the warm-up
         for engine in engines.values():
             engine_run(engine)
         for _ in range(args.repeats):
@@ -121,7 +157,7 @@ def main() -> None:
             for name, engine in engines.items():
                 rate, tokens = engine_run(engine)
                 rates[name].append(rate)
-                same[name] = same.get(name, True) and tokens == reference
+                same[name] = same.get(name, True) and tokens == references.get(name, reference)
     finally:
         for engine in engines.values():
             engine.close()
@@ -130,6 +166,7 @@ def main() -> None:
     per_token = weight_bytes_per_token(model)
     bound = bandwidth / per_token
     medians = {name: statistics.median(values) for name, values in rates.items()}
+    bounds = {name: bandwidth / read.get(name, per_token) for name in rates}
     print(json.dumps({
         "bench": "single_stream",
         "model": folder.name,
@@ -143,8 +180,10 @@ def main() -> None:
         "bandwidth_bound_tok_s": round(bound, 1),
         "tok_s": {name: round(rate, 1) for name, rate in medians.items()},
         "ratio_vs_generate": {name: round(medians[name] / medians["generate"], 2) for name in engines},
-        "share_of_bound": {name: round(rate / bound, 2) for name, rate in medians.items()},
+        "weight_mb_per_token_quantized": {name: round(n / 1e6, 1) for name, n in read.items()},
+        "share_of_bound": {name: round(rate / bounds[name], 2) for name, rate in medians.items()},
         "greedy_equal_to_generate": same,
+        "quantized_leading_tokens_equal_to_float32": leading,
     }))
 
 

@@ -87,7 +87,8 @@ class Settings:
     max_num_seqs: int = 64  # requests batched together
     max_batch_tokens: int = 65536  # prompt + new tokens of all running requests
     max_queue: int = 256  # waiting requests beyond this get HTTP 429
-    cpu_matmul: Literal["auto", "packed", "stock"] = "auto"  # faster float32 linears on CPU (engines.cpu_linear)
+    # Faster float32 linears on CPU (engines.cpu_linear); int8 / int4: weight-only quantized decode steps, opt-in
+    cpu_matmul: Literal["auto", "packed", "stock", "int8", "int4"] = "auto"
     torch_threads: int = 0  # torch's CPU threads for the huggingface backend; 0: OMP_NUM_THREADS, else the physical cores
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096

@@ -491,6 +491,77 @@ def test_batch_token_budget_limits_admission(endless_llama, tokenizer) -> None:
         eng.close()
 
 
+def test_a_burst_is_prefilled_a_group_per_step_between_decode_steps(endless_llama, tokenizer) -> None:
+    """Prompts admitted together are prefilled in groups of at most max_prefill_tokens padded tokens, one group per
+    loop iteration, with a decode step of the running rows after each: a running stream keeps streaming through the
+    burst, and each group's first tokens come out before the next group's prefill. Outputs are unchanged."""
+    eng = HFEngine(endless_llama, tokenizer, max_prefill_tokens=20)
+    forwards: list[tuple[int, int]] = []
+    real = eng._forward
+
+    def recording(adapters, **inputs):
+        forwards.append(tuple(inputs["input_ids"].shape))
+        return real(adapters, **inputs)
+
+    eng._forward = recording
+    burst = prompts(tokenizer, 6)[2:]  # 8, 11, 14 and 17 tokens: each fits 20 padded tokens, no two together do
+    try:
+        async def main() -> list[list[int]]:
+            running = eng.stream(GenerationRequest(prompts(tokenizer, 1)[0], SamplingParams(4000)))
+            await running.__anext__()
+            forwards.clear()
+            done = await asyncio.to_thread(eng.generate_batch,
+                                           [GenerationRequest(p, SamplingParams(3)) for p in burst])
+            await running.aclose()
+            return [c.choices[0].token_ids for c in done]
+
+        outputs = asyncio.run(main())
+    finally:
+        eng.close()
+    prefills = [i for i, (rows, width) in enumerate(forwards) if width > 1]
+    assert [forwards[i] for i in prefills] == [(1, len(p)) for p in burst]
+    # A decode step (width 1) of the running rows right after every prefill of the burst.
+    assert all(forwards[i + 1][1] == 1 for i in prefills)
+    assert outputs == [greedy_reference(endless_llama, p, 3) for p in burst]
+
+
+@pytest.mark.parametrize("name", ["stories", "endless_llama"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(name: str, tokenizer,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """A prompt longer than max_prefill_tokens is prefilled a chunk of columns per loop iteration, appending to its
+    own cache, with a decode step of the running rows between chunks: no single prompt stalls the others for its
+    whole prefill. Its greedy output still equals generate's (one full prefill), and the running row's too."""
+    model = request.getfixturevalue(name)
+    eng = HFEngine(model, tokenizer, max_prefill_tokens=32)
+    forwards: list[tuple[int, int]] = []
+    real = eng._forward
+
+    def recording(adapters, **inputs):
+        forwards.append(tuple(inputs["input_ids"].shape))
+        return real(adapters, **inputs)
+
+    eng._forward = recording
+    long_prompt = (tokenizer.encode(STORY) * 3)[:110]
+    short = prompts(tokenizer, 3)[2]
+    try:
+        async def main() -> tuple[list[int], list[int]]:
+            running = asyncio.ensure_future(collect_stream(eng, GenerationRequest(short, SamplingParams(40))))
+            await await_for(lambda: eng.stats()["generated_tokens_total"] >= 2)
+            forwards.clear()
+            _, done = await collect_stream(eng, GenerationRequest(long_prompt, SamplingParams(8)))
+            return done.choices[0].token_ids, (await running)[1].choices[0].token_ids
+
+        out, beside = asyncio.run(main())
+    finally:
+        eng.close()
+    chunks = [i for i, (rows, width) in enumerate(forwards) if width > 1]
+    assert [forwards[i] for i in chunks] == [(1, 32), (1, 32), (1, 32), (1, 14)]
+    if name == "endless_llama":  # its running row is still running then (stories may end it first)
+        assert all(forwards[i + 1] == (1, 1) for i in chunks[:-1])  # the running row steps between chunks
+    assert out == greedy_reference(model, long_prompt, 8)
+    assert beside == greedy_reference(model, short, 40)
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 
 

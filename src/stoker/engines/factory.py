@@ -89,6 +89,10 @@ def check_backend_takes(settings: Settings, gguf: str | None) -> None:
             f"infer_backend: vllm cannot load the GGUF file {gguf}: vLLM 0.32 has no GGUF loader. Use "
             "infer_backend: huggingface, which dequantizes it, or the model's Hugging Face folder.",
             param="infer_backend")
+    if settings.backend == "vllm" and settings.cpu_matmul in ("int8", "int4"):
+        raise ConfigError(
+            f"cpu_matmul: {settings.cpu_matmul} quantizes the huggingface engine's CPU linear layers; vLLM runs its "
+            "own kernels. Use infer_backend: huggingface, or remove cpu_matmul.", param="cpu_matmul")
 
 
 def open_engine(settings: Settings, *, per_request_adapters: bool = False) -> OpenedEngine:

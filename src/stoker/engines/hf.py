@@ -1,9 +1,13 @@
 """The transformers engine: continuous batching over any HF causal LM, on one background thread.
 
 One step thread owns the model. Each loop iteration it (1) drops aborted rows, (2) admits waiting requests within
-the budgets (``max_num_seqs`` rows, ``max_batch_tokens`` of prompt + max_new_tokens) and prefills them together,
-merging their KV rows into the running batch (``kv_batch.PaddedKVBatch``), and (3) runs one decode step for every
-running row. A row that finishes leaves the batch in the same iteration. Deltas go back to each caller through the
+the budgets (``max_num_seqs`` rows, ``max_batch_tokens`` of prompt + max_new_tokens), (3) prefills the next group of
+admitted requests (at most ``max_prefill_tokens`` padded prompt tokens), merging their KV rows into the running
+batch (``kv_batch.PaddedKVBatch``), and (4) runs one decode step for every running row. A burst of prompts is thus
+prefilled a group per iteration, each followed by a decode step, so running streams keep streaming and the first
+group's requests get their first token without waiting for the whole burst; a prompt longer than the budget is
+prefilled in chunks of columns, one per iteration, for the same reason. A row that finishes leaves the batch in the
+same iteration. Deltas go back to each caller through the
 request's sink (``engines.threaded``).
 
 A request with ``n`` choices is prefilled once; its KV rows are copied ``n`` times.
@@ -41,6 +45,11 @@ from stoker.errors import RequestError, StokerError
 logger = logging.getLogger("stoker")
 
 BASE_ADAPTER = BASE_WEIGHTS  # peft's name for "no adapter" in a mixed-adapter batch
+# A prefill on CPU is compute-bound (SmolLM2-135M in float32 on 2 cores: about 300 prompt tokens/s), so a group of
+# 256 tokens keeps a running stream's stall under a second and lets the first newcomers stream while the rest of a
+# burst is prefilled (bench/bench_burst.py). A GPU prefills thousands of tokens in milliseconds: bigger groups.
+CPU_PREFILL_TOKENS = 256
+GPU_PREFILL_TOKENS = 8192
 
 
 @dataclass(eq=False)
@@ -73,6 +82,23 @@ class _Request(PreparedRequest):
         return self.params.n * self.row_cost
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A group's prefill, which may take several forward passes (chunks of ``step`` columns)."""
+
+    group: list[_Request]
+    rows: list[_Request]  # one per KV row (a cache that cannot copy rows has a row per choice)
+    input_ids: Any  # [rows, width], left-padded
+    mask: Any
+    positions: Any
+    cache: Any
+    step: int  # columns per forward pass
+    extra: dict[str, Any]  # a vision model's inputs, for the first pass
+    offsets: Any  # multimodal RoPE shifts, or None
+    every: bool  # keep every position's logits (prompt logprobs)
+    done: int = 0  # columns prefilled so far
+
+
 class HFEngine(ThreadedEngine):
     """Continuous batching for a loaded ``transformers`` causal LM (optionally a peft model with LoRA adapters).
 
@@ -82,10 +108,12 @@ class HFEngine(ThreadedEngine):
       ``OverloadedError``.
     - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
     - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
-    - ``max_prefill_tokens``: padded prompt tokens per prefill forward (several forwards when more join at once).
+    - ``max_prefill_tokens``: padded prompt tokens per prefill forward; more newcomers take several forwards, one per
+      loop iteration, with a decode step of the running rows between them. Default ``CPU_PREFILL_TOKENS`` on CPU,
+      ``GPU_PREFILL_TOKENS`` elsewhere.
     - ``cpu_matmul``: ``auto``, ``packed`` or ``stock``: whether a CPU model's float32 linear layers take the faster
       paths of ``engines.cpu_linear`` inside the engine (packed oneDNN weights for several rows, a single row split
-      across the threads).
+      across the threads); ``int8`` or ``int4`` also quantize the weights (in place) for small decode steps.
 
     A request bigger than a budget on its own still runs, alone, when the batch is empty.
     """
@@ -102,7 +130,7 @@ class HFEngine(ThreadedEngine):
         adapters: list[str] | None = None,
         default_adapter: str | None = None,
         eos_ids: list[int] | None = None,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int | None = None,
         cpu_matmul: str = "auto",
     ):
         import torch
@@ -120,8 +148,10 @@ class HFEngine(ThreadedEngine):
             self.max_num_seqs = 1
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.max_queue = max(1, int(max_queue))
-        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         self.device = next(model.parameters()).device
+        if max_prefill_tokens is None:
+            max_prefill_tokens = CPU_PREFILL_TOKENS if self.device.type == "cpu" else GPU_PREFILL_TOKENS
+        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_model_len = int(max_model_len or _context_length(config, tokenizer))
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
@@ -173,6 +203,8 @@ class HFEngine(ThreadedEngine):
         self._closed = False
         # Owned by the step thread.
         self._rows: list[_Choice] = []
+        self._prefilling: deque[_Request] = deque()  # admitted, not prefilled yet
+        self._partial: _Prefill | None = None  # the group being prefilled
         self._batch: Any = None  # kv_batch.PaddedKVBatch
         self._kv_cache_tokens = 0  # rows x columns of the running cache, padding included
         self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "requests_finished_total": 0,
@@ -281,22 +313,20 @@ class HFEngine(ThreadedEngine):
         with torch.inference_mode(), packed:
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or self._rows or self._abort_uids):
+                    while not (self._closed or self._waiting or self._rows or self._abort_uids or self._prefilling
+                               or self._partial is not None):
                         self._cond.wait()
                     if self._closed:
                         return
                     aborted, self._abort_uids = self._abort_uids, set()
-                    admitted = self._admit()
+                    self._prefilling.extend(self._admit())
                 if aborted:
                     try:
                         self._drop_aborted(aborted)
                     except Exception as exc:  # noqa: BLE001 - shrinking failed: the batch state is unknown
                         self._fail(self._running_requests(), exc)
-                if admitted:
-                    try:
-                        self._prefill(admitted)
-                    except Exception as exc:  # e.g. out of memory on a long prompt: only the newcomers fail
-                        self._fail([r for r in admitted if r.open_choices], exc)
+                if self._partial is not None or self._prefilling:
+                    self._prefill_step()
                 if self._rows:
                     try:
                         self._decode()
@@ -307,7 +337,7 @@ class HFEngine(ThreadedEngine):
         """Pop waiting requests in order while they fit the budgets (caller holds the lock)."""
         admitted: list[_Request] = []
         while self._waiting:
-            if not self._caches.batchable and (self._rows or admitted):
+            if not self._caches.batchable and (self._rows or admitted or self._prefilling or self._partial):
                 break  # its cache holds one prompt's rows at a time (see kv_batch.CacheRecipe)
             req = self._waiting[0]
             fits = (self._rows_admitted + req.params.n <= self.max_num_seqs
@@ -366,64 +396,111 @@ class HFEngine(ThreadedEngine):
         logits = self.model(**inputs).logits
         return logits if every_position else logits[:, -1, :]
 
-    def _prefill(self, requests: list[_Request]) -> None:
+    def _next_prefill_group(self) -> list[_Request]:
+        """Pop the next admitted requests to prefill together: consecutive ones whose padded size (rows x longest
+        prompt) stays within ``max_prefill_tokens``. A request that wants its prompt's logprobs keeps the logits of
+        every position (prompt x vocabulary floats), so it is prefilled alone and the others keep only their last
+        position's."""
+        group: list[_Request] = []
+        width = 0
+        while self._prefilling:
+            req = self._prefilling[0]
+            scored = req.params.prompt_logprobs is not None
+            new_width = max(width, len(req.prompt_ids))
+            if group and (scored or new_width * (len(group) + 1) > self.max_prefill_tokens):
+                break
+            group.append(self._prefilling.popleft())
+            width = new_width
+            if scored:
+                break
+        return group
+
+    def _prefill_step(self) -> None:
+        """One forward pass of prefill: the next group's whole prompts, or the next chunk of the group under way."""
+        group = self._partial.group if self._partial is not None else self._next_prefill_group()
+        try:
+            if self._partial is None:
+                self._partial = self._start_prefill(group)
+            self._prefill_more(self._partial)
+        except Exception as exc:  # e.g. out of memory on a long prompt: only the newcomers fail
+            self._partial = None
+            self._fail([r for r in group if r.open_choices], exc)
+
+    def _start_prefill(self, group: list[_Request]) -> _Prefill:
+        torch = self._torch
+        batchable = self._caches.batchable
+        # A cache that cannot copy rows gets each choice's prompt as a row of its own.
+        rows = group if batchable else [r for r in group for _ in range(r.params.n)]
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
+        mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        extra: dict[str, Any] = {}
+        offsets = None
+        if any(r.media for r in group):
+            from stoker.engines.hf_media import prefill_inputs
+
+            extra, positions, offsets = prefill_inputs(
+                self.model, [r.media for r in rows], input_ids, mask, positions)
+            for r in group:
+                r.media = None  # the pixels are in the KV cache now
+        every = group[0].params.prompt_logprobs is not None
+        # Columns per forward: a group too big for max_prefill_tokens (one long prompt) goes in chunks of columns,
+        # one per loop iteration, so it cannot stall the running rows for its whole prefill. Only plain KV caches
+        # (the chunks append to it as decode steps do), without images (their features go in whole) or the
+        # logits of every position.
+        step = width
+        if width * len(rows) > self.max_prefill_tokens and self._caches.chunkable and not extra and not every:
+            step = max(1, self.max_prefill_tokens // len(rows))
+        return _Prefill(group, rows, input_ids, mask, positions, self._caches.new(), step, extra, offsets, every)
+
+    def _prefill_more(self, part: _Prefill) -> None:
+        """Run the next chunk of ``part``'s prefill; after the last one, its rows join the running batch."""
+        end = min(part.input_ids.shape[1], part.done + part.step)
+        cols = slice(part.done, end)
+        logits = self._forward([r.adapter for r in part.rows], input_ids=part.input_ids[:, cols],
+                               attention_mask=part.mask[:, :end], position_ids=part.positions[:, cols],
+                               past_key_values=part.cache, use_cache=True, every_position=part.every,
+                               **(part.extra if part.done == 0 else {}))
+        part.done = end
+        if end == part.input_ids.shape[1]:
+            self._partial = None
+            self._join(part, logits)
+
+    def _join(self, part: _Prefill, logits: Any) -> None:
+        """Sample the first tokens of a prefilled group and merge its rows into the running batch."""
         from stoker.engines.kv_batch import PaddedKVBatch, select_rows
 
         torch = self._torch
-
         batchable = self._caches.batchable
-        # A request that wants its prompt's logprobs keeps the logits of every position (prompt x vocabulary
-        # floats): it is prefilled alone, so the others keep only their last position's.
-        scored = [r for r in requests if r.params.prompt_logprobs is not None]
-        plain = [r for r in requests if r.params.prompt_logprobs is None]
-        for group in [*_prefill_groups(plain, self.max_prefill_tokens), *([r] for r in scored)]:
-            # A cache that cannot copy rows gets each choice's prompt as a row of its own.
-            rows = group if batchable else [r for r in group for _ in range(r.params.n)]
-            width = max(len(r.prompt_ids) for r in rows)
-            ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
-            mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
-            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-            cache = self._caches.new()
-            extra: dict[str, Any] = {}
-            offsets = None
-            if any(r.media for r in group):
-                from stoker.engines.hf_media import prefill_inputs
-
-                extra, positions, offsets = prefill_inputs(
-                    self.model, [r.media for r in rows], input_ids, mask, positions)
-                for r in group:
-                    r.media = None  # the pixels are in the KV cache now
-            every = group[0].params.prompt_logprobs is not None
-            logits = self._forward([r.adapter for r in rows], input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, past_key_values=cache, use_cache=True,
-                                   every_position=every, **extra)
-            if every:  # one request, unpadded (see above)
-                group[0].prompt_logprobs = self._prompt_logprobs(group[0], logits[0])
-                logits = logits[:, -1, :]
-            lengths = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
-            if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
-                lengths = lengths + offsets
-            if batchable and any(r.params.n > 1 for r in group):
-                index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
-                                     dtype=torch.long, device=self.device)
-                select_rows(cache, index)
-                mask, logits, lengths = mask[index], logits[index], lengths[index]
-            choices = [c for r in group for c in self._new_choices(r)]
-            tokens, keep = self._sample_and_emit(choices, logits)
-            # The first generated token sits at position len(prompt), right after the prompt.
-            new = PaddedKVBatch(cache, mask, positions=lengths, last_tokens=tokens)
-            if not keep:
-                continue
-            if batchable:
-                new.keep(keep)
-                choices = [choices[i] for i in keep]
-            if self._batch is None:
-                self._batch = new
-            else:
-                self._batch.merge(new)
-            self._rows.extend(choices)
+        group, rows, mask, cache, offsets, every = part.group, part.rows, part.mask, part.cache, part.offsets, part.every
+        if every:  # one request, unpadded (see _next_prefill_group)
+            group[0].prompt_logprobs = self._prompt_logprobs(group[0], logits[0])
+            logits = logits[:, -1, :]
+        lengths = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
+        if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
+            lengths = lengths + offsets
+        if batchable and any(r.params.n > 1 for r in group):
+            index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
+                                 dtype=torch.long, device=self.device)
+            select_rows(cache, index)
+            mask, logits, lengths = mask[index], logits[index], lengths[index]
+        choices = [c for r in group for c in self._new_choices(r)]
+        tokens, keep = self._sample_and_emit(choices, logits)
+        # The first generated token sits at position len(prompt), right after the prompt.
+        new = PaddedKVBatch(cache, mask, positions=lengths, last_tokens=tokens)
+        if not keep:
+            return
+        if batchable:
+            new.keep(keep)
+            choices = [choices[i] for i in keep]
+        if self._batch is None:
+            self._batch = new
+        else:
+            self._batch.merge(new)
+        self._rows.extend(choices)
 
     def _decode(self) -> None:
         inputs = self._batch.decode_inputs()
@@ -435,6 +512,13 @@ class HFEngine(ThreadedEngine):
         self._kv_cache_tokens = self._batch.rows * self._batch.cols if self._rows else 0
 
     def _drop_aborted(self, uids: set[int]) -> None:
+        if self._partial is not None and all(r.uid in uids or r.aborted for r in self._partial.group):
+            self._retire(self._partial.group)  # a partial prefill nobody waits for
+            self._partial = None
+        unstarted = [r for r in self._prefilling if r.uid in uids]
+        if unstarted:
+            self._prefilling = deque(r for r in self._prefilling if r.uid not in uids)
+            self._retire(unstarted)
         keep = [i for i, c in enumerate(self._rows) if c.request.uid not in uids]
         for i, c in enumerate(self._rows):
             if c.request.uid in uids:
@@ -526,7 +610,13 @@ class HFEngine(ThreadedEngine):
                 requests = [*requests, *self._running_requests()]
                 self._rows, self._batch = [], None
         error = exc if isinstance(exc, StokerError) else RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
-        notify = []
+        for req in self._retire(requests):
+            self._send(req, error)
+
+    def _retire(self, requests: list[_Request]) -> list[_Request]:
+        """Take ``requests`` out of the budgets whatever rows they still hold; return those not aborted (their
+        callers are still waiting for an ending)."""
+        live = []
         with self._cond:
             for req in {r.uid: r for r in requests}.values():
                 if req.open_choices == 0:
@@ -535,27 +625,11 @@ class HFEngine(ThreadedEngine):
                 self._rows_admitted -= req.open_choices
                 self._tokens_in_flight -= req.open_choices * req.row_cost
                 req.open_choices = 0
-                if not req.aborted:
-                    notify.append(req)
-        for req in notify:
-            self._send(req, error)
-
-
-def _prefill_groups(requests: list[_Request], max_tokens: int) -> list[list[_Request]]:
-    """Consecutive groups whose padded size (rows x longest prompt) stays within ``max_tokens``."""
-    groups: list[list[_Request]] = []
-    current: list[_Request] = []
-    width = 0
-    for req in requests:
-        new_width = max(width, len(req.prompt_ids))
-        if current and new_width * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, new_width = [], len(req.prompt_ids)
-        current.append(req)
-        width = new_width
-    if current:
-        groups.append(current)
-    return groups
+                if req.aborted:
+                    self._counters["requests_aborted_total"] += 1
+                else:
+                    live.append(req)
+        return live
 
 
 def _context_length(config: Any, tokenizer: Any) -> int:

@@ -68,6 +68,9 @@ class CacheRecipe:
                    if not isinstance(layer, LinearAttentionCacheLayerMixin) and type(layer) not in plain]
         biased = self.has_states and any(getattr(config, f, False) is True for f in INPUT_BIAS_FIELDS)
         self.batchable = not unknown and not biased
+        # A prompt may be prefilled in chunks (each appending to the cache as a decode step does): plain KV layers.
+        self.chunkable = self.batchable and not self.has_states and probe is not None and all(
+            type(layer) is DynamicLayer for layer in layers)
         self.why_serial = (f"its cache layers ({', '.join(sorted(set(unknown)))}) cannot hold rows of different "
                            "lengths" if unknown else "a bias on its recurrent input projection makes padding leak "
                            "into the state" if biased else "")
