@@ -491,11 +491,8 @@ def test_batch_token_budget_limits_admission(endless_llama, tokenizer) -> None:
         eng.close()
 
 
-def test_a_burst_is_prefilled_a_group_per_step_between_decode_steps(endless_llama, tokenizer) -> None:
-    """Prompts admitted together are prefilled in groups of at most max_prefill_tokens padded tokens, one group per
-    loop iteration, with a decode step of the running rows after each: a running stream keeps streaming through the
-    burst, and each group's first tokens come out before the next group's prefill. Outputs are unchanged."""
-    eng = HFEngine(endless_llama, tokenizer, max_prefill_tokens=20)
+def record_forwards(eng: HFEngine) -> list[tuple[int, int]]:
+    """The input shapes (rows, columns) of the engine's forward passes from now on, in order."""
     forwards: list[tuple[int, int]] = []
     real = eng._forward
 
@@ -504,6 +501,15 @@ def test_a_burst_is_prefilled_a_group_per_step_between_decode_steps(endless_llam
         return real(adapters, **inputs)
 
     eng._forward = recording
+    return forwards
+
+
+def test_a_burst_is_prefilled_a_group_per_step_between_decode_steps(endless_llama, tokenizer) -> None:
+    """Prompts admitted together are prefilled in groups of at most max_prefill_tokens padded tokens, one group per
+    loop iteration, with a decode step of the running rows after each: a running stream keeps streaming through the
+    burst, and each group's first tokens come out before the next group's prefill. Outputs are unchanged."""
+    eng = HFEngine(endless_llama, tokenizer, max_prefill_tokens=20)
+    forwards = record_forwards(eng)
     burst = prompts(tokenizer, 6)[2:]  # 8, 11, 14 and 17 tokens: each fits 20 padded tokens, no two together do
     try:
         async def main() -> list[list[int]]:
@@ -533,14 +539,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(name: str, to
     whole prefill. Its greedy output still equals generate's (one full prefill), and the running row's too."""
     model = request.getfixturevalue(name)
     eng = HFEngine(model, tokenizer, max_prefill_tokens=32)
-    forwards: list[tuple[int, int]] = []
-    real = eng._forward
-
-    def recording(adapters, **inputs):
-        forwards.append(tuple(inputs["input_ids"].shape))
-        return real(adapters, **inputs)
-
-    eng._forward = recording
+    forwards = record_forwards(eng)
     long_prompt = (tokenizer.encode(STORY) * 3)[:110]
     short = prompts(tokenizer, 3)[2]
     try:
