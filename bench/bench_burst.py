@@ -5,7 +5,8 @@ iteration, with a decode step of the running rows between groups).
 Model: the real demo model (SmolLM2-135M-Instruct, float32). ``--streams`` requests are decoding when ``--burst``
 new ones arrive at once, each a real alpaca_en_demo instruction in the chat template, ``--new-tokens`` each. One
 model object, one engine per setting; the largest setting puts the whole burst in one forward (how the engine
-prefilled a burst before groups were spread over iterations), the baseline of the ratios. Reported per setting:
+prefilled a burst before groups were spread over iterations), the baseline of the ratios. The prefix cache is off
+(the prompts share the template's system prompt; ``bench_prefix.py`` measures that). Reported per setting:
 
 - ``ttft_p50_s`` / ``ttft_p90_s`` / ``ttft_max_s``: the burst's time to first token (a histogram's worth in ``ttft_s``);
 - ``stream_stall_s``: the longest gap between two tokens of a running stream while the burst is prefilled;
@@ -34,15 +35,31 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def load_demo_model(threads: int):
+    """(folder, tokenizer, float32 model) of the demo model SmolLM2-135M-Instruct, on ``threads`` (0: torch's
+    default)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stoker.demo import ensure_demo_models
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = ensure_demo_models(names=["smol"])["smol"]
+    return (folder, AutoTokenizer.from_pretrained(folder),
+            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+
+
+def render(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` in the model's chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+
 def prompts(tokenizer, count: int) -> list[list[int]]:
     rows = json.loads((SHARED / "data" / "llamafactory" / "alpaca_en_demo.json").read_text())
-    out = []
-    for row in rows[:count]:
-        ask = row["instruction"] + ("\n" + row["input"] if row["input"] else "")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": ask}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        out.append(list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids))
-    return out
+    return [render(tokenizer, [{"role": "user", "content": row["instruction"] + ("\n" + row["input"] if row["input"]
+                                                                               else "")}]) for row in rows[:count]]
 
 
 async def one_setting(engine, story: list[int], burst: list[list[int]], streams: int, new_tokens: int) -> dict:
@@ -98,16 +115,9 @@ def main() -> None:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stoker.demo import ensure_demo_models
     from stoker.engines.hf import HFEngine
 
-    folder = ensure_demo_models(names=["smol"])["smol"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    folder, tokenizer, model = load_demo_model(args.threads)
     burst = prompts(tokenizer, args.burst)
     settings = [int(v) for v in args.settings.split(",")]
     report: dict[str, dict] = {}
@@ -115,12 +125,9 @@ def main() -> None:
     # One long prompt alone: the instructions and answers of many rows, as one user message.
     rows = json.loads((SHARED / "data" / "llamafactory" / "alpaca_en_demo.json").read_text())
     text = "\n\n".join(r["instruction"] + "\n" + r["output"] for r in rows)
-    long_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize:\n" + text}],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False)
-    long_prompt = list(long_prompt["input_ids"]) if hasattr(long_prompt, "keys") else list(long_prompt)
-    long_prompt = long_prompt[-args.long_tokens:]
+    long_prompt = render(tokenizer, [{"role": "user", "content": "Summarize:\n" + text}])[-args.long_tokens:]
     for setting in settings:
-        engine = HFEngine(model, tokenizer, max_prefill_tokens=setting)
+        engine = HFEngine(model, tokenizer, max_prefill_tokens=setting, prefix_cache_tokens=0)
         try:
             asyncio.run(one_setting(engine, burst[0], burst[:2], 1, 2))  # warm-up
             report[str(setting)] = asyncio.run(one_setting(engine, burst[0], burst, args.streams, args.new_tokens))

@@ -117,6 +117,8 @@ def test_typo_warns_with_nearest_key(caplog: pytest.LogCaptureFixture) -> None:
         ({"api_max_body_mb": 0}, "invalid value for api_max_body_mb: 0; expected an integer >= 1."),
         ({"cpu_matmul": "fast"},
          "invalid value for cpu_matmul: 'fast'; expected one of 'auto', 'packed', 'stock', 'int8', 'int4'."),
+        ({"prefix_cache_tokens": -1}, "invalid value for prefix_cache_tokens: -1; expected a number of tokens >= 0 "
+                                      "(0 turns the prefix cache off)."),
         ({"torch_threads": -2}, "invalid value for torch_threads: -2; expected a number of CPU threads >= 1, or 0 for "
                                 "the default (OMP_NUM_THREADS if set, else one per physical core)."),
         ({"vllm_config": "{not json"}, "invalid value for vllm_config: '{not json'; expected a mapping or a JSON object string."),

@@ -89,6 +89,7 @@ class Settings:
     max_queue: int = 256  # waiting requests beyond this get HTTP 429
     # Faster float32 linears on CPU (engines.cpu_linear); int8 / int4: weight-only quantized decode steps, opt-in
     cpu_matmul: Literal["auto", "packed", "stock", "int8", "int4"] = "auto"
+    prefix_cache_tokens: int = 4096  # prompt-prefix tokens whose KV the huggingface engine keeps (0: off)
     torch_threads: int = 0  # torch's CPU threads for the huggingface backend; 0: OMP_NUM_THREADS, else the physical cores
     # --- vLLM ----------------------------------------------------------------------------------------------------
     vllm_maxlen: int = 4096
@@ -429,6 +430,9 @@ def _check(s: Settings) -> None:
     for key in positive:
         if getattr(s, key) < 1:
             raise ConfigError(f"invalid value for {key}: {getattr(s, key)!r}; expected an integer >= 1.")
+    if s.prefix_cache_tokens < 0:
+        raise ConfigError(f"invalid value for prefix_cache_tokens: {s.prefix_cache_tokens!r}; expected a number of "
+                          "tokens >= 0 (0 turns the prefix cache off).")
     if s.torch_threads < 0:
         raise ConfigError(f"invalid value for torch_threads: {s.torch_threads!r}; expected a number of CPU threads "
                           ">= 1, or 0 for the default (OMP_NUM_THREADS if set, else one per physical core).")

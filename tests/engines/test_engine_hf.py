@@ -561,6 +561,48 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(name: str, to
     assert beside == greedy_reference(model, short, 40)
 
 
+@pytest.mark.parametrize("name", ["stories", "endless_llama"])
+def test_a_cached_prefix_is_not_prefilled_again(name: str, tokenizer, request: pytest.FixtureRequest) -> None:
+    """Prompts that start like an earlier one take its keys and values for their whole leading blocks of 16 tokens:
+    only the rest is prefilled, alone or in a group of rows of different lengths (the padding then sits between
+    prefix and rest), and the greedy output still equals generate's."""
+    model = request.getfixturevalue(name)
+    eng = HFEngine(model, tokenizer)
+    forwards = record_forwards(eng)
+    story = tokenizer.encode(STORY) * 2
+    first = story[:40]
+    later = [story[:37] + story[50:55], story[:45] + story[60:63]]  # share 37 and 40 tokens with the first
+    try:
+        done = eng.generate_batch([GenerationRequest(first, SamplingParams(6))])
+        assert forwards[0] == (1, 40) and eng.stats()["prefix_cache_hit_tokens_total"] == 0
+        forwards.clear()
+        together = eng.generate_batch([GenerationRequest(p, SamplingParams(6)) for p in later])
+        stats = eng.stats()
+    finally:
+        eng.close()
+    # Both share the first two blocks (32 tokens); the third differs from token 37 on.
+    assert forwards[0] == (2, 48 - 32)
+    assert stats["prefix_cache_hit_tokens_total"] == 2 * 32
+    assert done[0].choices[0].token_ids == greedy_reference(model, first, 6)
+    assert [c.choices[0].token_ids for c in together] == [greedy_reference(model, p, 6) for p in later]
+
+
+def test_the_prefix_cache_keeps_adapters_apart_and_its_bound() -> None:
+    from stoker.engines.prefix_cache import BLOCK, PrefixCache
+
+    cache = PrefixCache(max_tokens=2 * BLOCK)
+    ids = list(range(3 * BLOCK + 1))
+    kv = lambda start, end: [(torch.full((1, end - start, 2), float(start)), torch.zeros(1, end - start, 2))]
+    cache.store("base", ids, kv)
+    assert cache.tokens == 2 * BLOCK  # bounded: the third block is not kept
+    assert cache.cached_blocks("base", ids) == 2 and cache.cached_blocks("other-adapter", ids) == 0
+    assert cache.cached_blocks("base", [99] + ids[1:]) == 0  # a different first token changes every block
+    keys, _ = cache.prefix("base", ids, 2)[0]
+    assert keys.shape == (1, 2 * BLOCK, 2) and keys[0, BLOCK, 0] == BLOCK
+    cache.store("base", list(range(100, 100 + 2 * BLOCK + 1)), kv)  # a new chain evicts the old one
+    assert cache.cached_blocks("base", ids) == 0 and cache.tokens == 2 * BLOCK
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 
 

@@ -140,6 +140,7 @@ def _open_huggingface(settings: Settings, path: Path, adapters: dict[str, Path],
         eos_ids=eos_token_ids(loaded.generation_config, read_model_facts(path, gguf_of(settings, path)).eos_token_ids,
                               loaded.tokenizer),
         cpu_matmul=settings.cpu_matmul,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
     if plan.merge:
         engine.info.merged_adapters = list(adapters)

@@ -7,8 +7,7 @@ batch (``kv_batch.PaddedKVBatch``), and (4) runs one decode step for every runni
 prefilled a group per iteration, each followed by a decode step, so running streams keep streaming and the first
 group's requests get their first token without waiting for the whole burst; a prompt longer than the budget is
 prefilled in chunks of columns, one per iteration, for the same reason. A row that finishes leaves the batch in the
-same iteration. Deltas go back to each caller through the
-request's sink (``engines.threaded``).
+same iteration. Deltas go back to each caller through the request's sink (``engines.threaded``).
 
 A request with ``n`` choices is prefilled once; its KV rows are copied ``n`` times.
 """
@@ -38,6 +37,7 @@ from stoker.engines.base import (
 )
 from stoker.engines.detokenize import IncrementalDetokenizer, TokenTexts
 from stoker.engines.outputs import ChoiceOutput
+from stoker.engines.prefill import Prefill
 from stoker.engines.stops import StopStringMatcher
 from stoker.engines.threaded import PreparedRequest, ThreadedEngine
 from stoker.errors import RequestError, StokerError
@@ -45,11 +45,6 @@ from stoker.errors import RequestError, StokerError
 logger = logging.getLogger("stoker")
 
 BASE_ADAPTER = BASE_WEIGHTS  # peft's name for "no adapter" in a mixed-adapter batch
-# A prefill on CPU is compute-bound (SmolLM2-135M in float32 on 2 cores: about 300 prompt tokens/s), so a group of
-# 256 tokens keeps a running stream's stall under a second and lets the first newcomers stream while the rest of a
-# burst is prefilled (bench/bench_burst.py). A GPU prefills thousands of tokens in milliseconds: bigger groups.
-CPU_PREFILL_TOKENS = 256
-GPU_PREFILL_TOKENS = 8192
 
 
 @dataclass(eq=False)
@@ -82,23 +77,6 @@ class _Request(PreparedRequest):
         return self.params.n * self.row_cost
 
 
-@dataclass(eq=False)
-class _Prefill:
-    """A group's prefill, which may take several forward passes (chunks of ``step`` columns)."""
-
-    group: list[_Request]
-    rows: list[_Request]  # one per KV row (a cache that cannot copy rows has a row per choice)
-    input_ids: Any  # [rows, width], left-padded
-    mask: Any
-    positions: Any
-    cache: Any
-    step: int  # columns per forward pass
-    extra: dict[str, Any]  # a vision model's inputs, for the first pass
-    offsets: Any  # multimodal RoPE shifts, or None
-    every: bool  # keep every position's logits (prompt logprobs)
-    done: int = 0  # columns prefilled so far
-
-
 class HFEngine(ThreadedEngine):
     """Continuous batching for a loaded ``transformers`` causal LM (optionally a peft model with LoRA adapters).
 
@@ -109,11 +87,13 @@ class HFEngine(ThreadedEngine):
     - ``max_model_len``: context length; default the model config's ``max_position_embeddings``.
     - ``adapters``: names of LoRA adapters loaded unmerged in the peft ``model``, selectable per request.
     - ``max_prefill_tokens``: padded prompt tokens per prefill forward; more newcomers take several forwards, one per
-      loop iteration, with a decode step of the running rows between them. Default ``CPU_PREFILL_TOKENS`` on CPU,
-      ``GPU_PREFILL_TOKENS`` elsewhere.
+      loop iteration, with a decode step of the running rows between them. Default 256 on CPU, 8192 elsewhere
+      (``engines.prefill``).
     - ``cpu_matmul``: ``auto``, ``packed`` or ``stock``: whether a CPU model's float32 linear layers take the faster
       paths of ``engines.cpu_linear`` inside the engine (packed oneDNN weights for several rows, a single row split
       across the threads); ``int8`` or ``int4`` also quantize the weights (in place) for small decode steps.
+    - ``prefix_cache_tokens``: prompt tokens whose keys and values are kept for later prompts that start the same
+      way (``engines.prefix_cache``); 0 turns it off. Only for plain attention caches.
 
     A request bigger than a budget on its own still runs, alone, when the batch is empty.
     """
@@ -132,6 +112,7 @@ class HFEngine(ThreadedEngine):
         eos_ids: list[int] | None = None,
         max_prefill_tokens: int | None = None,
         cpu_matmul: str = "auto",
+        prefix_cache_tokens: int = 4096,
     ):
         import torch
 
@@ -150,6 +131,8 @@ class HFEngine(ThreadedEngine):
         self.max_queue = max(1, int(max_queue))
         self.device = next(model.parameters()).device
         if max_prefill_tokens is None:
+            from stoker.engines.prefill import CPU_PREFILL_TOKENS, GPU_PREFILL_TOKENS
+
             max_prefill_tokens = CPU_PREFILL_TOKENS if self.device.type == "cpu" else GPU_PREFILL_TOKENS
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -204,7 +187,12 @@ class HFEngine(ThreadedEngine):
         # Owned by the step thread.
         self._rows: list[_Choice] = []
         self._prefilling: deque[_Request] = deque()  # admitted, not prefilled yet
-        self._partial: _Prefill | None = None  # the group being prefilled
+        self._partial: Prefill | None = None  # the group being prefilled
+        self._prefixes = None
+        if prefix_cache_tokens > 0 and self._caches.chunkable:
+            from stoker.engines.prefix_cache import PrefixCache
+
+            self._prefixes = PrefixCache(prefix_cache_tokens)
         self._batch: Any = None  # kv_batch.PaddedKVBatch
         self._kv_cache_tokens = 0  # rows x columns of the running cache, padding included
         self._counters = {"generated_tokens_total": 0, "prompt_tokens_total": 0, "requests_finished_total": 0,
@@ -232,6 +220,9 @@ class HFEngine(ThreadedEngine):
                 "max_batch_tokens": self.max_batch_tokens,
             }
             out.update(self._counters)
+        if self._prefixes is not None:
+            out["prefix_cache_tokens"] = self._prefixes.tokens
+            out["prefix_cache_hit_tokens_total"] = self._prefixes.hit_tokens
         return out
 
     def _take_unfinished(self) -> list[_Request]:
@@ -396,92 +387,46 @@ class HFEngine(ThreadedEngine):
         logits = self.model(**inputs).logits
         return logits if every_position else logits[:, -1, :]
 
-    def _next_prefill_group(self) -> list[_Request]:
-        """Pop the next admitted requests to prefill together: consecutive ones whose padded size (rows x longest
-        prompt) stays within ``max_prefill_tokens``. A request that wants its prompt's logprobs keeps the logits of
-        every position (prompt x vocabulary floats), so it is prefilled alone and the others keep only their last
-        position's."""
-        group: list[_Request] = []
-        width = 0
-        while self._prefilling:
-            req = self._prefilling[0]
-            scored = req.params.prompt_logprobs is not None
-            new_width = max(width, len(req.prompt_ids))
-            if group and (scored or new_width * (len(group) + 1) > self.max_prefill_tokens):
-                break
-            group.append(self._prefilling.popleft())
-            width = new_width
-            if scored:
-                break
-        return group
-
     def _prefill_step(self) -> None:
         """One forward pass of prefill: the next group's whole prompts, or the next chunk of the group under way."""
-        group = self._partial.group if self._partial is not None else self._next_prefill_group()
+        from stoker.engines import prefill
+
+        if self._partial is not None:
+            group = self._partial.group
+        else:
+            group = prefill.next_group(self._prefilling, self.max_prefill_tokens)
         try:
             if self._partial is None:
-                self._partial = self._start_prefill(group)
-            self._prefill_more(self._partial)
+                # A cache that cannot copy rows gets each choice's prompt as a row of its own.
+                rows = group if self._caches.batchable else [r for r in group for _ in range(r.params.n)]
+                self._partial = prefill.plan(group, rows, model=self.model, device=self.device, caches=self._caches,
+                                             max_tokens=self.max_prefill_tokens, prefixes=self._prefixes)
+            part = self._partial
+            logits = self._forward([r.adapter for r in part.rows], every_position=part.every, **part.next_inputs())
+            if part.finished:
+                self._partial = None
+                self._join(part, logits)
         except Exception as exc:  # e.g. out of memory on a long prompt: only the newcomers fail
             self._partial = None
             self._fail([r for r in group if r.open_choices], exc)
 
-    def _start_prefill(self, group: list[_Request]) -> _Prefill:
-        torch = self._torch
-        batchable = self._caches.batchable
-        # A cache that cannot copy rows gets each choice's prompt as a row of its own.
-        rows = group if batchable else [r for r in group for _ in range(r.params.n)]
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows]
-        mask_rows = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        mask = torch.tensor(mask_rows, dtype=torch.long, device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        extra: dict[str, Any] = {}
-        offsets = None
-        if any(r.media for r in group):
-            from stoker.engines.hf_media import prefill_inputs
-
-            extra, positions, offsets = prefill_inputs(
-                self.model, [r.media for r in rows], input_ids, mask, positions)
-            for r in group:
-                r.media = None  # the pixels are in the KV cache now
-        every = group[0].params.prompt_logprobs is not None
-        # Columns per forward: a group too big for max_prefill_tokens (one long prompt) goes in chunks of columns,
-        # one per loop iteration, so it cannot stall the running rows for its whole prefill. Only plain KV caches
-        # (the chunks append to it as decode steps do), without images (their features go in whole) or the
-        # logits of every position.
-        step = width
-        if width * len(rows) > self.max_prefill_tokens and self._caches.chunkable and not extra and not every:
-            step = max(1, self.max_prefill_tokens // len(rows))
-        return _Prefill(group, rows, input_ids, mask, positions, self._caches.new(), step, extra, offsets, every)
-
-    def _prefill_more(self, part: _Prefill) -> None:
-        """Run the next chunk of ``part``'s prefill; after the last one, its rows join the running batch."""
-        end = min(part.input_ids.shape[1], part.done + part.step)
-        cols = slice(part.done, end)
-        logits = self._forward([r.adapter for r in part.rows], input_ids=part.input_ids[:, cols],
-                               attention_mask=part.mask[:, :end], position_ids=part.positions[:, cols],
-                               past_key_values=part.cache, use_cache=True, every_position=part.every,
-                               **(part.extra if part.done == 0 else {}))
-        part.done = end
-        if end == part.input_ids.shape[1]:
-            self._partial = None
-            self._join(part, logits)
-
-    def _join(self, part: _Prefill, logits: Any) -> None:
+    def _join(self, part: Prefill, logits: Any) -> None:
         """Sample the first tokens of a prefilled group and merge its rows into the running batch."""
         from stoker.engines.kv_batch import PaddedKVBatch, select_rows
 
         torch = self._torch
         batchable = self._caches.batchable
-        group, rows, mask, cache, offsets, every = part.group, part.rows, part.mask, part.cache, part.offsets, part.every
-        if every:  # one request, unpadded (see _next_prefill_group)
+        group, rows, mask, cache = part.group, part.rows, part.mask, part.cache
+        if self._prefixes is not None:
+            from stoker.engines.prefill import store_prefixes
+
+            store_prefixes(part, self._prefixes)
+        if part.every:  # one request, unpadded (see prefill.next_group)
             group[0].prompt_logprobs = self._prompt_logprobs(group[0], logits[0])
             logits = logits[:, -1, :]
         lengths = torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=self.device)
-        if offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image continues from a shifted position
-            lengths = lengths + offsets
+        if part.offsets is not None:  # multimodal RoPE (Qwen2-VL): text after an image goes on from a shifted position
+            lengths = lengths + part.offsets
         if batchable and any(r.params.n > 1 for r in group):
             index = torch.tensor([j for j, r in enumerate(group) for _ in range(r.params.n)],
                                  dtype=torch.long, device=self.device)
