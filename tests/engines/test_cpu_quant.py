@@ -98,13 +98,19 @@ def test_small_steps_inside_the_engine_take_the_quantized_weights(mode: str, mon
 
 
 def test_quantizing_refuses_a_model_it_cannot_quantize() -> None:
-    with pytest.raises(ConfigError, match="cpu_matmul: int8 quantizes the float32 linear layers") as err:
+    with pytest.raises(ConfigError) as err:
         CpuLinears.install(three_layers().double(), "int8")
+    assert err.value.message == (
+        "cpu_matmul: int8 quantizes the float32 linear layers of a model on CPU, and this model has none (another "
+        "dtype or device, or quantized already): use cpu_matmul: auto, or load the model in float32 on CPU "
+        "(infer_dtype: float32).")
     assert err.value.param == "cpu_matmul"
     model = three_layers()
     CpuLinears.install(model, "auto")
-    with pytest.raises(ConfigError, match="already run cpu_matmul: auto"):
+    with pytest.raises(ConfigError) as err:
         CpuLinears.install(model, "int4")
+    assert err.value.message == ("this model's linear layers already run cpu_matmul: auto for another engine, so "
+                                 "cannot take int4; load the model again")
 
 
 def test_vllm_refuses_the_quantized_modes() -> None:
@@ -112,8 +118,10 @@ def test_vllm_refuses_the_quantized_modes() -> None:
     from stoker.engines.factory import check_backend_takes
 
     settings = settings_from_dict({"model_name_or_path": "x", "infer_backend": "vllm", "cpu_matmul": "int4"})
-    with pytest.raises(ConfigError, match="infer_backend: huggingface") as err:
+    with pytest.raises(ConfigError) as err:
         check_backend_takes(settings, None)
+    assert err.value.message == ("cpu_matmul: int4 quantizes the huggingface engine's CPU linear layers; vLLM runs "
+                                 "its own kernels. Use infer_backend: huggingface, or remove cpu_matmul.")
     assert err.value.param == "cpu_matmul"
 
 

@@ -33,8 +33,6 @@ class QuantWeight:
     bits: int
     data: Any  # int8 [out, in], or the int4 kernel's packed uint8 layout
     scales: Any  # int8: bfloat16 [out]; int4: bfloat16 [in / GROUP, out, 2] (scale, zero)
-    out_features: int
-    in_features: int
 
     def matmul(self, x: Any) -> Any:
         """``x [rows, in]`` (float32) times the weight's transpose, as float32 ``[rows, out]``."""
@@ -61,11 +59,10 @@ def quantize(weight: Any, bits: int) -> tuple[QuantWeight, Any]:
 def _int8(weight: Any) -> tuple[QuantWeight, Any]:
     import torch
 
-    out_features, in_features = weight.shape
     scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
     codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     scale = scale.to(torch.bfloat16)
-    return QuantWeight(8, codes, scale, out_features, in_features), codes.float() * scale.float()[:, None]
+    return QuantWeight(8, codes, scale), codes.float() * scale.float()[:, None]
 
 
 def _int4(weight: Any) -> tuple[QuantWeight, Any] | None:
@@ -86,4 +83,4 @@ def _int4(weight: Any) -> tuple[QuantWeight, Any] | None:
     scale, zero = scale.to(torch.bfloat16), (low + 8 * scale).to(torch.bfloat16)
     scales = torch.stack([scale.reshape(out_features, -1).t(), zero.reshape(out_features, -1).t()], dim=-1)
     weight = ((codes.reshape(groups.shape) - 8) * scale.float() + zero.float()).reshape(out_features, in_features)
-    return QuantWeight(4, data, scales.contiguous(), out_features, in_features), weight
+    return QuantWeight(4, data, scales.contiguous()), weight

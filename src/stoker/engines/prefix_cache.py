@@ -38,7 +38,6 @@ class PrefixCache:
         self.max_blocks = max(0, int(max_tokens)) // BLOCK
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
         self.hit_tokens = 0  # prompt tokens taken from the cache, for the engine's stats
-        self.stored_tokens = 0
 
     @property
     def tokens(self) -> int:
@@ -89,7 +88,6 @@ class PrefixCache:
             if digest not in self._blocks:
                 kv = [(k.clone(), v.clone()) for k, v in columns(index * BLOCK, (index + 1) * BLOCK)]
                 self._blocks[digest] = _Block(parent, tokens, kv)
-                self.stored_tokens += BLOCK
         self._touch([digest for digest, _, _ in chain])
         while len(self._blocks) > self.max_blocks:
             self._blocks.popitem(last=False)
@@ -99,6 +97,3 @@ class PrefixCache:
         starts (a block whose parent is gone can never match again)."""
         for digest in reversed(digests):
             self._blocks.move_to_end(digest)
-
-    def clear(self) -> None:
-        self._blocks.clear()
